@@ -1,0 +1,1 @@
+"""Loading and running a span of transformer blocks from a Hugging Face checkpoint."""

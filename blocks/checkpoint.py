@@ -1,0 +1,124 @@
+"""Reading a Hugging Face safetensors checkpoint one block at a time.
+
+A peer that serves blocks [A, B) reads exactly the tensors of those blocks, from exactly the shard files that hold
+them; the client reads only what is not a block (embeddings, final norm, LM head).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from blocks.families import family_of
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, unreadable, or lacks tensors it should have."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: PretrainedConfig
+    weight_map: dict[str, str]  # tensor name -> shard file name inside `path`
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+
+def model_name_of(name_or_path: str) -> str:
+    """Short model name: the last path component of a local dir, or the hub repo id's last part."""
+    return Path(str(name_or_path).rstrip("/")).name
+
+
+def _download_from_hub(repo_id: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+
+def open_checkpoint(name_or_path: str | os.PathLike, *, blocks: Iterable[int] | None = None) -> Checkpoint:
+    """Open a local checkpoint dir, or fetch from the hub only the shards holding `blocks` (None: client part)."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        if os.path.exists(path) or str(name_or_path).startswith((".", "/")):
+            raise CheckpointError(f"{name_or_path} is not a checkpoint directory")
+        path = _download_from_hub(str(name_or_path), ["*.json", "*.model", "*.txt"])
+    config = AutoConfig.from_pretrained(path)
+    family_of(config)  # fail early on unsupported architectures
+    weight_map = _read_weight_map(path)
+    missing = {f for f in _files_for(weight_map, blocks) if not (path / f).exists()}
+    if missing:
+        path = _download_from_hub(str(name_or_path), sorted(missing))
+    return Checkpoint(path, config, weight_map)
+
+
+def _read_weight_map(path: Path) -> dict[str, str]:
+    if (path / INDEX_FILE).exists():
+        with open(path / INDEX_FILE) as f:
+            return dict(json.load(f)["weight_map"])
+    if (path / SINGLE_FILE).exists():
+        with safe_open(path / SINGLE_FILE, framework="pt") as f:  # reads only the header
+            return {name: SINGLE_FILE for name in f.keys()}
+    raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors is supported)")
+
+
+def block_of(tensor_name: str) -> int | None:
+    match = _LAYER_RE.match(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def _names_for(weight_map: dict[str, str], blocks: Iterable[int] | None) -> list[str]:
+    if blocks is None:
+        return [name for name in weight_map if block_of(name) is None]
+    wanted = set(blocks)
+    return [name for name in weight_map if block_of(name) in wanted]
+
+
+def _files_for(weight_map: dict[str, str], blocks: Iterable[int] | None) -> set[str]:
+    return {weight_map[name] for name in _names_for(weight_map, blocks)}
+
+
+def read_tensors(ckpt: Checkpoint, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(ckpt.weight_map[name], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file_name, file_names in by_file.items():
+        with safe_open(ckpt.path / file_name, framework="pt") as f:
+            for name in file_names:
+                tensor = f.get_tensor(name)
+                out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return out
+
+
+def read_block_state(ckpt: Checkpoint, block: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """State dict of one decoder layer, keys relative to the layer (e.g. ``self_attn.q_proj.weight``)."""
+    if not 0 <= block < ckpt.num_blocks:
+        raise CheckpointError(f"block {block} is outside the model's {ckpt.num_blocks} blocks")
+    prefix = f"model.layers.{block}."
+    names = _names_for(ckpt.weight_map, [block])
+    if not names:
+        raise CheckpointError(f"checkpoint {ckpt.path} has no tensors for block {block}")
+    return {name[len(prefix) :]: t for name, t in read_tensors(ckpt, names, dtype).items()}
+
+
+def read_client_state(ckpt: Checkpoint, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Everything that is not a decoder block: embeddings, final norm, LM head (full names)."""
+    return read_tensors(ckpt, _names_for(ckpt.weight_map, None), dtype)

@@ -1,0 +1,1 @@
+"""The swarm's shared state: signed, schema-validated server records in a hivemind DHT, and lookups over them."""

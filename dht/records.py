@@ -1,0 +1,129 @@
+"""Server records: what a peer announces about each block it serves, and how the DHT validates it.
+
+Every block i of a model lives under the DHT key ``f"{prefix}_block{i}"``; each serving peer writes one subkey
+there: its signing public key (hivemind's ``[owner:...]`` marker), so hivemind's RSASignatureValidator rejects a
+write under that subkey by anyone but the key's owner. The value is a :class:`ServerRecord`, checked by hivemind's
+SchemaValidator on every DHT node that knows the model, and parsed again by explicit code on the client
+(:func:`parse_block_entries`), which also binds the signing key to the peer ID.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import pydantic.v1 as pydantic  # hivemind's SchemaValidator is built on the pydantic v1 API
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator, conbytes
+from hivemind.p2p import PeerID
+from hivemind.utils.crypto import RSAPublicKey
+
+from dht.identity import peer_id_of
+
+logger = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+ServerState = Literal["joining", "online", "offline"]
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+_OWNER_RE = re.compile(rb"^\[owner:(.+)\]$", re.DOTALL)
+OwnerSubkey = conbytes(regex=rb"^\[owner:.+\]$")
+
+
+class ServerRecord(pydantic.BaseModel):
+    """One peer's announcement for one block. Strict types: the DHT schema check allows no conversions."""
+
+    record_version: pydantic.StrictInt = RECORD_VERSION
+    state: ServerState
+    start: pydantic.conint(strict=True, ge=0)
+    end: pydantic.conint(strict=True, ge=1)
+    throughput: pydantic.confloat(strict=True, ge=0.0)  # tokens/s through the whole span, measured at start-up
+    dtype: Literal["float32", "bfloat16", "float16"]
+    quant: Literal["none", "int8", "nf4"]
+    cache_tokens_left: pydantic.conint(strict=True, ge=0)
+    max_length: pydantic.conint(strict=True, ge=1)
+    version: pydantic.constr(strict=True, max_length=64)
+    public_name: Optional[pydantic.constr(strict=True, max_length=128)] = None  # noqa: UP045 (pydantic v1)
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+    @pydantic.root_validator(skip_on_failure=True)
+    def _span_is_ordered(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if values["start"] >= values["end"]:
+            raise ValueError(f"empty span [{values['start']}, {values['end']})")
+        return values
+
+    def to_value(self) -> dict[str, Any]:
+        return self.dict()
+
+
+class InvalidPrefixError(ValueError):
+    pass
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.match(prefix):
+        raise InvalidPrefixError(f"DHT prefix {prefix!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+    return prefix
+
+
+def block_key(prefix: str, block: int) -> str:
+    return f"{prefix}_block{block}"
+
+
+def block_schema(num_blocks: int) -> type[pydantic.BaseModel]:
+    """A pydantic model with one field per block key, for hivemind's SchemaValidator."""
+    fields = {f"block{i}": (Optional[dict[OwnerSubkey, ServerRecord]], None) for i in range(num_blocks)}  # noqa: UP045
+    return pydantic.create_model("SwarmBlocks", **fields)
+
+
+def make_validators(prefix: str, num_blocks: int, signer: RSASignatureValidator) -> list:
+    """Validators every node of this model uses: signatures first (they strip the signature), then the schema."""
+    return [signer, SchemaValidator(block_schema(num_blocks), allow_extra_keys=True, prefix=check_prefix(prefix))]
+
+
+@dataclass(frozen=True)
+class BlockServer:
+    """A validated entry: `peer_id` serves `block` as part of `record`'s span, until `expiration` (DHT time)."""
+
+    peer_id: PeerID
+    block: int
+    record: ServerRecord
+    expiration: float
+
+
+def owner_peer_id(subkey: Any) -> PeerID:
+    """Peer ID bound to a record's owner subkey; raises ValueError if the subkey is not a valid RSA owner marker."""
+    if not isinstance(subkey, bytes):
+        raise ValueError(f"subkey must be bytes, got {type(subkey).__name__}")
+    match = _OWNER_RE.match(subkey)
+    if match is None:
+        raise ValueError("subkey is not signed by an owner key")
+    return peer_id_of(RSAPublicKey.from_bytes(match.group(1)))
+
+
+def parse_block_entries(block: int, entries: dict[Any, tuple[Any, float]]) -> list[BlockServer]:
+    """Explicitly validate what the DHT returned for one block; malformed entries are dropped and logged.
+
+    `entries` maps subkey -> (value, expiration). The DHT already checked signatures; here we re-check the record
+    schema (a node without our schema may have stored anything), bind the owner key to a peer ID, and check that
+    the record's span covers the block it was found under.
+    """
+    servers = []
+    for subkey, (value, expiration) in entries.items():
+        try:
+            peer_id = owner_peer_id(subkey)
+            if not isinstance(value, dict):
+                raise ValueError(f"record must be a dict, got {type(value).__name__}")
+            record = ServerRecord.parse_obj(value)
+            if not record.start <= block < record.end:
+                raise ValueError(f"record span [{record.start}, {record.end}) does not contain block {block}")
+            if not isinstance(expiration, (int, float)):
+                raise ValueError("expiration must be a number")
+        except (ValueError, pydantic.ValidationError) as e:
+            logger.debug(f"dropping malformed record for block {block}: {e}")
+            continue
+        servers.append(BlockServer(peer_id, block, record, float(expiration)))
+    return servers

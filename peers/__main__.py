@@ -1,0 +1,3 @@
+from peers.cli import peer_main
+
+peer_main()

@@ -1,0 +1,204 @@
+"""The peer's RPC handlers: a bidirectional inference stream per session, a whole-sequence forward, an info call.
+
+Compute runs on one dedicated thread (torch uses all its threads inside each call), so the event loop keeps
+reading requests and answering info calls while a step runs, and steps of concurrent sessions never interleave
+inside torch. Each session owns its cache; nothing is shared between sessions but the weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
+from hivemind.proto import runtime_pb2
+
+from blocks.span import BlockSpan
+from peers.protocol import (
+    FORWARD_HANDLER,
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    ProtocolError,
+    RemoteError,
+    decode_metadata,
+    decode_tensor,
+    encode_metadata,
+    get_int,
+    make_response,
+    receive_message,
+    send_error,
+    send_message,
+)
+from peers.sessions import CacheBudget, InferenceSession
+from peers.validation import Limits, check_forward_size, check_hidden, parse_span_uid
+
+logger = logging.getLogger(__name__)
+
+
+class BlockService:
+    """Serves one BlockSpan to clients through a hivemind P2P instance."""
+
+    def __init__(self, span: BlockSpan, limits: Limits, budget: CacheBudget, idle_timeout: float, info: dict[str, Any]):
+        self.span, self.limits, self.budget = span, limits, budget
+        self.idle_timeout = idle_timeout
+        self.static_info = info
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.device = next(span.parameters()).device
+        self.sessions: dict[int, InferenceSession] = {}
+        self.stats = {"inference_steps": 0, "forward_calls": 0, "errors": 0, "tokens_processed": 0}
+        self._p2p: P2P | None = None
+
+    async def start(self, p2p: P2P) -> None:
+        self._p2p = p2p
+        await p2p.add_binary_stream_handler(INFERENCE_HANDLER, self._handle_inference)
+        await p2p.add_binary_stream_handler(FORWARD_HANDLER, self._handle_forward)
+        await p2p.add_protobuf_handler(INFO_HANDLER, self._handle_info, runtime_pb2.ExpertUID)
+
+    async def stop(self) -> None:
+        if self._p2p is not None:
+            for name in (INFERENCE_HANDLER, FORWARD_HANDLER):
+                await self._p2p.remove_binary_stream_handler(name)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    # ---- compute (runs on the compute thread) ----
+
+    def _run(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int) -> torch.Tensor:
+        wire_dtype = hidden.dtype
+        with torch.inference_mode():
+            x = hidden.to(self.device, self.span.dtype)
+            if session is None:
+                out = self.span(x, None, 0, start, end)
+            else:
+                out = self.span(x, session.cache, session.position, start, end)
+                session.position += hidden.shape[1]
+            return out.to("cpu", wire_dtype)
+
+    async def _compute(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._run, hidden, session, start, end)
+
+    # ---- handlers ----
+
+    async def _handle_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        info = dict(self.static_info)
+        info.update(
+            protocol_version=PROTOCOL_VERSION,
+            cache_tokens_left=self.budget.tokens_left,
+            sessions=self.budget.sessions,
+            stats=dict(self.stats),
+        )
+        return runtime_pb2.ExpertInfo(serialized_info=encode_metadata(info))
+
+    def _read_hidden(self, request: runtime_pb2.ExpertRequest, batch: int | None = None) -> torch.Tensor:
+        if len(request.tensors) != 1:
+            raise ProtocolError(f"expected exactly 1 tensor (hidden states), got {len(request.tensors)}")
+        hidden = decode_tensor(request.tensors[0], max_numel=self.limits.max_numel)
+        if hidden.dtype not in WIRE_DTYPES.values():
+            raise ProtocolError(f"unsupported dtype {hidden.dtype}")
+        return check_hidden(hidden, self.limits, batch=batch)
+
+    async def _handle_forward(
+        self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One request (span uid + hidden states) -> one response (output hidden states)."""
+        try:
+            request = await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes)
+            if request is None:
+                return
+            start, end = parse_span_uid(request.uid, self.limits)
+            hidden = self._read_hidden(request)
+            check_forward_size(hidden, self.limits)
+            output = await self._compute(hidden, None, start, end)
+            self.stats["forward_calls"] += 1
+            self.stats["tokens_processed"] += hidden.shape[0] * hidden.shape[1]
+            await send_message(make_response([output], {}), writer)
+        except (ProtocolError, RemoteError) as e:
+            self.stats["errors"] += 1
+            logger.info(f"forward from {_short(stream_info.peer_id)} rejected: {e}")
+            await _try_send_error(str(e), writer)
+        except Exception as e:
+            self.stats["errors"] += 1
+            logger.exception(f"forward from {_short(stream_info.peer_id)} failed")
+            await _try_send_error(f"internal error: {type(e).__name__}: {e}", writer)
+        finally:
+            writer.close()
+
+    async def _handle_inference(
+        self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Session protocol: an opening request (uid 'start:end', metadata max_length and batch) answered with an
+        empty response, then one request per step (hidden states, metadata position) answered with the outputs.
+        The session ends when the client closes the stream, on an error, or after idle_timeout seconds."""
+        session: InferenceSession | None = None
+        peer = _short(stream_info.peer_id)
+        try:
+            opening = await self._receive(reader)
+            if opening is None:
+                return
+            start, end = parse_span_uid(opening.uid, self.limits)
+            meta = decode_metadata(opening.metadata)
+            max_length = get_int(meta, "max_length", low=1, high=self.limits.max_length)
+            batch = get_int(meta, "batch", low=1, high=self.limits.max_batch)
+            self.budget.reserve(batch * max_length)
+            session = InferenceSession(start, end, batch, max_length, self.span.new_cache())
+            self.sessions[session.session_id] = session
+            logger.debug(
+                f"session {session.session_id} from {peer}: blocks {start}:{end}, "
+                f"batch {batch}, max_length {max_length}"
+            )
+            await send_message(make_response([], {"session_id": session.session_id}), writer)
+
+            while True:
+                request = await self._receive(reader)
+                if request is None:
+                    return
+                hidden = self._read_hidden(request, batch=batch)
+                position = get_int(decode_metadata(request.metadata), "position", low=0, high=max_length)
+                session.prepare_step(position, hidden.shape[1])
+                output = await self._compute(hidden, session, start, end)
+                self.stats["inference_steps"] += 1
+                self.stats["tokens_processed"] += hidden.shape[0] * hidden.shape[1]
+                await send_message(make_response([output], {"position": session.position}), writer)
+        except (ProtocolError, RemoteError) as e:
+            self.stats["errors"] += 1
+            logger.info(f"inference session from {peer} ended with an error: {e}")
+            await _try_send_error(str(e), writer)
+        except asyncio.TimeoutError:
+            logger.info(f"inference session from {peer} closed after {self.idle_timeout:.0f} s idle")
+            await _try_send_error(f"session closed after {self.idle_timeout:.0f} s without requests", writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            logger.debug(f"inference session from {peer}: connection lost")
+        except Exception as e:
+            self.stats["errors"] += 1
+            logger.exception(f"inference session from {peer} failed")
+            await _try_send_error(f"internal error: {type(e).__name__}: {e}", writer)
+        finally:
+            if session is not None:
+                self.sessions.pop(session.session_id, None)
+                self.budget.release(session.reserved_tokens)
+                session.cache = None  # free the KV cache now, not when the handler's frame is collected
+            writer.close()
+
+    async def _receive(self, reader: asyncio.StreamReader) -> runtime_pb2.ExpertRequest | None:
+        return await asyncio.wait_for(
+            receive_message(reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes),
+            timeout=self.idle_timeout,
+        )
+
+
+def _short(peer_id: PeerID) -> str:
+    text = peer_id.to_base58()
+    return "..." + text[-6:]
+
+
+async def _try_send_error(text: str, writer: asyncio.StreamWriter) -> None:
+    try:
+        await send_error(text, writer)
+    except Exception:  # the client may be gone already; its side reports the failure
+        logger.debug("could not deliver an error to the client", exc_info=True)

@@ -1,0 +1,30 @@
+"""Typed settings of a client session, passed down once from ``from_pretrained``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any peers in the swarm
+    dht_prefix: str | None = None  # default: the model's name, as the peers derive it
+    connect_timeout: float = 20.0  # seconds to open a stream or session with one peer
+    request_timeout: float = 60.0  # seconds for one step / forward answer from one peer
+    discovery_timeout: float = 30.0  # seconds to wait until the DHT shows every block served
+    wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to peers
+    max_message_bytes: int = 256 * 1024**2  # refuse larger answers from a peer
+    max_prefill_tokens: int = 512  # a longer prompt is sent to a session in chunks of this many tokens
+    snapshot_ttl: float = 10.0  # seconds a view of the swarm is reused before asking the DHT again
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {self.wire_dtype}")
+        for name in ("connect_timeout", "request_timeout", "discovery_timeout", "snapshot_ttl"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.max_prefill_tokens < 1 or self.max_message_bytes < 1:
+            raise ValueError("max_prefill_tokens and max_message_bytes must be >= 1")

@@ -1,0 +1,253 @@
+"""Hugging Face-compatible model classes whose decoder blocks run in the swarm.
+
+The client holds the embeddings, the final norm and the LM head; `model.model.layers` is replaced by the
+swarm. Everything else (sampling, logits processors, stopping criteria, streamers) is transformers' own
+``generate``: the remote KV caches are presented to it as a Cache object whose length is the session's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+from blocks.checkpoint import model_name_of, open_checkpoint, read_client_state
+from blocks.families import ModelFamily, family_of
+from swarm.config import ClientConfig
+from swarm.inference import InferenceSession
+from swarm.sequence import RemoteSequence
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteCache(DynamicCache):
+    """What transformers' generate sees as the KV cache: its length is the number of tokens the peers hold."""
+
+    def __init__(self, session: InferenceSession):
+        super().__init__()
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.session.position
+
+
+class RemoteDecoderModel(nn.Module):
+    """Stands where transformers' LlamaModel / Qwen2Model stands: embeddings -> swarm blocks -> final norm."""
+
+    def __init__(self, config: PretrainedConfig, family: ModelFamily, sequence: RemoteSequence):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.sequence = sequence
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            raise NotImplementedError(
+                "padding (attention_mask with zeros) is not supported yet: pass sequences of equal length"
+            )
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if isinstance(past_key_values, RemoteCache):
+            session = past_key_values.session
+            if position_ids is not None and int(position_ids.reshape(-1)[0]) != session.position:
+                raise ValueError(
+                    f"position_ids start at {int(position_ids.reshape(-1)[0])}, "
+                    f"but the session holds {session.position} tokens"
+                )
+            hidden = session.step(hidden)
+        else:
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("a local KV cache cannot be used with remote blocks; use model.inference_session()")
+            past_key_values = None
+            hidden = self.sequence.forward(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+
+
+class DistributedCausalLMMixin:
+    """Turns a transformers *ForCausalLM class into one whose blocks run in the swarm (see subclasses)."""
+
+    config: PretrainedConfig
+    model: RemoteDecoderModel
+
+    def __init__(self, config: PretrainedConfig, sequence: RemoteSequence):
+        family = family_of(config)
+        family.pretrained_base.__init__(self, config)
+        self.model = RemoteDecoderModel(config, family, sequence)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._active_session: InferenceSession | None = None
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str | Path,
+        *,
+        initial_peers: list[str] | None = None,
+        dht_prefix: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        client_config: ClientConfig | None = None,
+        **client_options: Any,
+    ):
+        """Load the client's part of a checkpoint (embeddings, final norm, LM head) and join the swarm.
+
+        Any ClientConfig field can be given as a keyword (e.g. ``request_timeout=30``).
+        """
+        if client_config is None:
+            client_config = ClientConfig(
+                initial_peers=list(initial_peers or []), dht_prefix=dht_prefix, **client_options
+            )
+        elif initial_peers or dht_prefix or client_options:
+            raise ValueError("pass either client_config or individual client options, not both")
+        if not client_config.initial_peers:
+            raise ValueError("initial_peers is required: multiaddrs of at least one peer in the swarm")
+        ckpt = open_checkpoint(model_name_or_path)
+        config = copy.copy(ckpt.config)
+        if family_of(config).causal_lm not in cls.__mro__:
+            raise ValueError(f"{cls.__name__} cannot load a {config.model_type} checkpoint")
+        prefix = client_config.dht_prefix or model_name_of(str(model_name_or_path))
+        sequence = RemoteSequence(client_config, prefix, config.num_hidden_layers, config.hidden_size)
+        try:
+            model = cls(config, sequence)
+            model._load_client_state(ckpt, dtype)
+        except BaseException:
+            sequence.shutdown()
+            raise
+        if (ckpt.path / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
+        return model.eval()
+
+    def _load_client_state(self, ckpt, dtype: torch.dtype) -> None:
+        state = read_client_state(ckpt, dtype)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"client weights do not match the model: missing {missing}, unexpected {unexpected}")
+        self.to(dtype)
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """Keep the peers' KV caches across generate() calls: each call continues where the last one ended."""
+        if self._active_session is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        session = InferenceSession(self.model.sequence, max_length, batch_size).open()
+        self._active_session = session
+        try:
+            yield session
+        finally:
+            self._active_session = None
+            session.close()
+
+    @property
+    def active_session(self) -> InferenceSession | None:
+        return self._active_session
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        """transformers' generate, with the blocks in the swarm.
+
+        Inside ``inference_session()``, ``inputs`` (if any) are appended to what the session already holds and
+        generation continues from there; the returned sequences include the session's earlier tokens, so two
+        calls return the same as one longer call.
+        """
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("past_key_values cannot be passed: the KV cache lives on the peers")
+        if kwargs.pop("attention_mask", None) is not None:
+            logger.debug("attention_mask ignored: unpadded inputs are required")
+        gen_config = copy.deepcopy(kwargs.get("generation_config") or self.generation_config)
+        for key in ("num_beams", "num_return_sequences", "max_new_tokens", "max_length"):
+            if key in kwargs:
+                setattr(gen_config, key, kwargs[key])
+        if (gen_config.num_beams or 1) > 1:
+            raise NotImplementedError("beam search is not supported through the swarm yet")
+
+        session = self._active_session
+        if session is not None:
+            history = session.token_ids
+            if inputs is None:
+                if history is None:
+                    raise ValueError("this session holds no tokens yet: pass input ids to the first generate()")
+                inputs = history
+            elif history is not None:
+                inputs = torch.cat([history, inputs.to(history.device)], dim=1)
+            return self._generate_in_session(session, inputs, *args, **kwargs)
+
+        if inputs is None:
+            raise ValueError("input ids are required outside an inference session")
+        new_tokens = gen_config.max_new_tokens
+        max_length = inputs.shape[1] + new_tokens if new_tokens is not None else gen_config.max_length
+        batch = inputs.shape[0] * (gen_config.num_return_sequences or 1)
+        with self.inference_session(max_length=max_length, batch_size=batch) as session:
+            return self._generate_in_session(session, inputs, *args, **kwargs)
+
+    def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor, *args: Any, **kwargs: Any):
+        if inputs.ndim != 2:
+            raise ValueError(f"input ids must be [batch, length], got shape {list(inputs.shape)}")
+        output = super().generate(
+            inputs,
+            *args,
+            past_key_values=RemoteCache(session),
+            attention_mask=torch.ones_like(inputs),
+            **kwargs,
+        )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        session.token_ids = sequences
+        return output
+
+
+class DistributedLlamaForCausalLM(DistributedCausalLMMixin, LlamaForCausalLM):
+    pass
+
+
+class DistributedMistralForCausalLM(DistributedCausalLMMixin, MistralForCausalLM):
+    pass
+
+
+class DistributedQwen2ForCausalLM(DistributedCausalLMMixin, Qwen2ForCausalLM):
+    pass
+
+
+_CLASSES: dict[str, type[DistributedCausalLMMixin]] = {
+    "llama": DistributedLlamaForCausalLM,
+    "mistral": DistributedMistralForCausalLM,
+    "qwen2": DistributedQwen2ForCausalLM,
+}
+
+
+class AutoDistributedModelForCausalLM:
+    """Picks the Distributed*ForCausalLM class from the checkpoint's config (like transformers' Auto classes)."""
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str | Path, **kwargs: Any) -> DistributedCausalLMMixin:
+        config = open_checkpoint(model_name_or_path).config
+        return _CLASSES[family_of(config).model_type].from_pretrained(model_name_or_path, **kwargs)

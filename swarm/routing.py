@@ -1,0 +1,118 @@
+"""Route search over a snapshot of the swarm: pure functions, no network.
+
+A route is a chain of (peer, [start, end)) spans that covers the requested blocks in order. The current policy
+is the fewest hops (each hop costs a network round trip), preferring faster peers among equals; the snapshot
+and the span type are what latency-aware policies will work on too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from hivemind.p2p import PeerID
+
+from dht.records import BlockServer
+
+
+class NoRouteError(RuntimeError):
+    """Some blocks have no usable server."""
+
+    def __init__(self, uncovered: list[int], prefix: str = ""):
+        self.uncovered = uncovered
+        where = f" of {prefix}" if prefix else ""
+        super().__init__(f"no online peer serves block(s) {_ranges(uncovered)}{where}")
+
+
+@dataclass(frozen=True)
+class RouteSpan:
+    peer_id: PeerID
+    start: int
+    end: int
+
+    @property
+    def uid(self) -> str:
+        return f"{self.start}:{self.end}"
+
+
+@dataclass(frozen=True)
+class PeerSpan:
+    """What one peer serves, merged from its per-block records."""
+
+    peer_id: PeerID
+    start: int
+    end: int
+    throughput: float
+    cache_tokens_left: int
+    max_length: int
+
+
+@dataclass
+class SwarmSnapshot:
+    num_blocks: int
+    peers: dict[PeerID, PeerSpan] = field(default_factory=dict)
+
+    @classmethod
+    def from_servers(cls, num_blocks: int, servers: dict[int, list[BlockServer]]) -> SwarmSnapshot:
+        """Online peers only; a peer's span is the contiguous run of blocks its records were found under."""
+        found: dict[PeerID, list[BlockServer]] = {}
+        for entries in servers.values():
+            for entry in entries:
+                if entry.record.state == "online":
+                    found.setdefault(entry.peer_id, []).append(entry)
+        peers = {}
+        for peer_id, entries in found.items():
+            record = max(entries, key=lambda e: e.expiration).record
+            blocks = sorted({e.block for e in entries})
+            # Use only the contiguous run starting at the first block (records of other blocks may have lapsed).
+            end = blocks[0]
+            while end in blocks:
+                end += 1
+            peers[peer_id] = PeerSpan(
+                peer_id, blocks[0], end, record.throughput, record.cache_tokens_left, record.max_length
+            )
+        return cls(num_blocks, peers)
+
+    def uncovered(self, start: int, end: int, exclude: Collection[PeerID] = ()) -> list[int]:
+        covered = set()
+        for p in self.peers.values():
+            if p.peer_id not in exclude:
+                covered.update(range(p.start, p.end))
+        return [b for b in range(start, end) if b not in covered]
+
+
+def _ranges(blocks: Iterable[int]) -> str:
+    blocks = sorted(blocks)
+    parts, i = [], 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        parts.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def fewest_hops_route(
+    snapshot: SwarmSnapshot,
+    start: int,
+    end: int,
+    *,
+    exclude: Collection[PeerID] = (),
+    min_length: int = 1,
+) -> list[RouteSpan]:
+    """Cover blocks [start, end) with as few peers as possible.
+
+    Greedy by farthest reach is optimal for hop count on intervals; ties go to the higher announced throughput.
+    Peers in `exclude`, and peers whose max_length is below `min_length`, are skipped.
+    """
+    usable = [p for p in snapshot.peers.values() if p.peer_id not in exclude and p.max_length >= min_length]
+    route, position = [], start
+    while position < end:
+        candidates = [p for p in usable if p.start <= position < p.end]
+        if not candidates:
+            raise NoRouteError(snapshot.uncovered(start, end, exclude) or [position])
+        best = max(candidates, key=lambda p: (min(p.end, end), p.throughput, p.peer_id.to_bytes()))
+        route.append(RouteSpan(best.peer_id, position, min(best.end, end)))
+        position = min(best.end, end)
+    return route

@@ -1,0 +1,153 @@
+"""The client's side of the wire protocol: a background event loop and calls to peers over hivemind P2P.
+
+User code is synchronous (``model.generate``); P2P is asyncio. One daemon thread runs the loop; a whole
+generation step across every span of the route is one coroutine there, so each token costs one thread hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from peers.protocol import (
+    FORWARD_HANDLER,
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    ProtocolError,
+    RemoteError,
+    decode_metadata,
+    decode_tensor,
+    make_request,
+    receive_message,
+    send_message,
+)
+
+T = TypeVar("T")
+
+
+class PeerError(RuntimeError):
+    """A call to one peer failed (it died, timed out, or answered with an error)."""
+
+    def __init__(self, peer_id: PeerID, message: str):
+        self.peer_id = peer_id
+        super().__init__(f"peer {peer_id}: {message}")
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread."""
+
+    def __init__(self, name: str = "blockswarm-client"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+def _check_output(response: runtime_pb2.ExpertResponse, like: torch.Tensor, max_numel: int) -> torch.Tensor:
+    """A peer's answer is network input too: same shape and dtype as what we sent, finite."""
+    if len(response.tensors) != 1:
+        raise ProtocolError(f"expected 1 tensor in the answer, got {len(response.tensors)}")
+    out = decode_tensor(response.tensors[0], max_numel=max_numel)
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ProtocolError(f"answer has shape {list(out.shape)} {out.dtype}, expected {list(like.shape)} {like.dtype}")
+    if not torch.isfinite(out).all():
+        raise ProtocolError("answer contains NaN or infinite values")
+    return out
+
+
+class InferenceStream:
+    """An open inference session with one peer for one span (async; used from the loop thread)."""
+
+    def __init__(self, p2p: P2P, peer_id: PeerID, uid: str, max_bytes: int, timeout: float):
+        self.p2p, self.peer_id, self.uid = p2p, peer_id, uid
+        self.max_bytes, self.timeout = max_bytes, timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self, max_length: int, batch: int, connect_timeout: float) -> None:
+        try:
+            _, self._reader, self._writer = await asyncio.wait_for(
+                self.p2p.call_binary_stream_handler(self.peer_id, INFERENCE_HANDLER), connect_timeout
+            )
+            await send_message(make_request([], {"max_length": max_length, "batch": batch}, uid=self.uid), self._writer)
+            await self._receive(connect_timeout)
+        except Exception as e:
+            await self.close()
+            raise _as_peer_error(self.peer_id, e) from e
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        try:
+            await send_message(make_request([hidden], {"position": position}), self._writer)
+            response = await self._receive(self.timeout)
+            return _check_output(response, hidden, self.max_bytes)
+        except Exception as e:
+            raise _as_peer_error(self.peer_id, e) from e
+
+    async def _receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
+        response = await asyncio.wait_for(
+            receive_message(self._reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes), timeout
+        )
+        if response is None:
+            raise ConnectionError("the peer closed the session")
+        return response
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+async def call_forward(
+    p2p: P2P, peer_id: PeerID, uid: str, hidden: torch.Tensor, max_bytes: int, timeout: float
+) -> torch.Tensor:
+    """Whole-sequence forward of blocks `uid` ('start:end') on one peer."""
+    writer = None
+    try:
+        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, FORWARD_HANDLER), timeout)
+        await send_message(make_request([hidden], {}, uid=uid), writer)
+        response = await asyncio.wait_for(
+            receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=max_bytes), timeout
+        )
+        if response is None:
+            raise ConnectionError("the peer closed the stream without answering")
+        return _check_output(response, hidden, max_bytes)
+    except Exception as e:
+        raise _as_peer_error(peer_id, e) from e
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def call_info(p2p: P2P, peer_id: PeerID, timeout: float) -> dict[str, Any]:
+    try:
+        response = await asyncio.wait_for(
+            p2p.call_protobuf_handler(peer_id, INFO_HANDLER, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo),
+            timeout,
+        )
+        return decode_metadata(response.serialized_info)
+    except Exception as e:
+        raise _as_peer_error(peer_id, e) from e
+
+
+def _as_peer_error(peer_id: PeerID, e: BaseException) -> PeerError:
+    if isinstance(e, PeerError):
+        return e
+    if isinstance(e, RemoteError):
+        return PeerError(peer_id, f"refused the request: {e}")
+    if isinstance(e, asyncio.TimeoutError):
+        return PeerError(peer_id, "timed out")
+    if isinstance(e, ProtocolError):
+        return PeerError(peer_id, f"sent an invalid answer: {e}")
+    return PeerError(peer_id, f"{type(e).__name__}: {e}")
