@@ -68,4 +68,8 @@ def family_of(config: PretrainedConfig) -> ModelFamily:
 def layer_types(config: PretrainedConfig) -> list[str]:
     """Attention type of every layer ("full_attention" / "sliding_attention"), as transformers defines it."""
     types = getattr(config, "layer_types", None)
-    return list(types) if types else ["full_attention"] * config.num_hidden_layers
+    if types:
+        return list(types)
+    # No layer_types (e.g. Mistral): every layer uses the sliding window if the config sets one, as MistralModel does.
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * config.num_hidden_layers

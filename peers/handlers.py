@@ -8,6 +8,7 @@ inside torch. Each session owns its cache; nothing is shared between sessions bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,6 +40,7 @@ from peers.sessions import CacheBudget, InferenceSession
 from peers.validation import Limits, check_forward_size, check_hidden, parse_span_uid
 
 logger = logging.getLogger(__name__)
+ERROR_DRAIN_SECONDS = 2.0  # after an error, how long to read (and drop) what the client is still sending
 
 
 class BlockService:
@@ -121,7 +123,7 @@ class BlockService:
         except (ProtocolError, RemoteError) as e:
             self.stats["errors"] += 1
             logger.info(f"forward from {_short(stream_info.peer_id)} rejected: {e}")
-            await _try_send_error(str(e), writer)
+            await _try_send_error(str(e), writer, reader)
         except Exception as e:
             self.stats["errors"] += 1
             logger.exception(f"forward from {_short(stream_info.peer_id)} failed")
@@ -168,7 +170,7 @@ class BlockService:
         except (ProtocolError, RemoteError) as e:
             self.stats["errors"] += 1
             logger.info(f"inference session from {peer} ended with an error: {e}")
-            await _try_send_error(str(e), writer)
+            await _try_send_error(str(e), writer, reader)
         except asyncio.TimeoutError:
             logger.info(f"inference session from {peer} closed after {self.idle_timeout:.0f} s idle")
             await _try_send_error(f"session closed after {self.idle_timeout:.0f} s without requests", writer)
@@ -197,8 +199,19 @@ def _short(peer_id: PeerID) -> str:
     return "..." + text[-6:]
 
 
-async def _try_send_error(text: str, writer: asyncio.StreamWriter) -> None:
+async def _try_send_error(text: str, writer: asyncio.StreamWriter, reader: asyncio.StreamReader | None = None) -> None:
     try:
         await send_error(text, writer)
     except Exception:  # the client may be gone already; its side reports the failure
         logger.debug("could not deliver an error to the client", exc_info=True)
+        return
+    if reader is not None:
+        # A client still sending (e.g. an oversized message) only reads our error once it finished writing; closing
+        # right away would reset the stream and lose the error. Drain without storing, for a bounded time.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_discard_until_eof(reader), timeout=ERROR_DRAIN_SECONDS)
+
+
+async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(2**16):
+        pass

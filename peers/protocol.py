@@ -46,7 +46,17 @@ class MessageTooLargeError(ProtocolError):
 
 
 def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    return serialize_torch_tensor(tensor.detach().cpu())
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        # hivemind's default (legacy) mode sends bfloat16 as float32 buffers, which decode_tensor rightly refuses
+        # (and which doubles the bytes): send the 2-byte data itself, as hivemind's non-legacy mode does.
+        return runtime_pb2.Tensor(
+            compression=runtime_pb2.CompressionType.NONE,
+            buffer=tensor.contiguous().view(torch.int16).numpy().tobytes(),
+            size=tensor.shape,
+            dtype="bfloat16",
+        )
+    return serialize_torch_tensor(tensor)
 
 
 def decode_tensor(proto: runtime_pb2.Tensor, *, max_numel: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 import peers
 from blocks.checkpoint import model_name_of, open_checkpoint
+from blocks.quantization import weight_bytes_report
 from blocks.span import load_span
 from dht.announce import announce_blocks, fetch_block_servers
 from dht.identity import load_or_create_identity
@@ -127,6 +128,11 @@ async def serve_peer(config: PeerConfig) -> None:
             None, lambda: load_span(ckpt, start, end, dtype, config.quant, device, progress=True)
         )
         throughput = await loop.run_in_executor(None, measure_decode_throughput, span)
+        weights = weight_bytes_report(span)
+        logger.info(
+            f"linear weights of blocks {start}:{end}: {weights['weight_bytes'] / 2**20:.2f} MiB "
+            f"({weights['ratio_vs_fp16']:.3f}x of float16)"
+        )
         logger.info(
             f"blocks {start}:{end} loaded ({config.quant}, {config.dtype}, {device}); "
             f"decode throughput {throughput:.1f} tokens/s"
@@ -151,6 +157,7 @@ async def serve_peer(config: PeerConfig) -> None:
             max_batch=config.max_batch,
             version=VERSION,
             public_name=config.public_name,
+            weights=weights,
         )
         service = BlockService(span, limits, budget, config.session_idle_timeout, info)
         p2p = await dht.replicate_p2p()

@@ -85,6 +85,8 @@ class InferenceSession:
                 f"step would grow the session to {position + new_tokens} tokens, over its max_length {self.max_length}"
             )
         if position < self.position:
-            self.cache.crop(position)
+            # A negative argument removes that many tokens (transformers 5 rejects a positive target length, and
+            # crop(0) would be a no-op there).
+            self.cache.crop(position - self.position)
             self.position = position
         self.last_active = time.monotonic()

@@ -32,7 +32,7 @@ PRESETS = {
     # ~110M parameters: the benchmark's main model
     "bench-110m": dict(
         hidden_size=768,
-        intermediate_size=2048,
+        intermediate_size=2560,
         num_hidden_layers=12,
         num_attention_heads=12,
         num_key_value_heads=12,

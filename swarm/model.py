@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ class DistributedCausalLMMixin:
         self.model = RemoteDecoderModel(config, family, sequence)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._active_session: InferenceSession | None = None
+        self._local = threading.local()  # the open inference session is per thread
         self.post_init()
 
     @classmethod
@@ -159,19 +160,23 @@ class DistributedCausalLMMixin:
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
         """Keep the peers' KV caches across generate() calls: each call continues where the last one ended."""
-        if self._active_session is not None:
-            raise RuntimeError("an inference session is already open on this model")
+        if self.active_session is not None:
+            raise RuntimeError("an inference session is already open on this model in this thread")
         session = InferenceSession(self.model.sequence, max_length, batch_size).open()
-        self._active_session = session
+        self._local.session = session
         try:
             yield session
         finally:
-            self._active_session = None
+            self._local.session = None
             session.close()
+
+    def shutdown(self) -> None:
+        """Leave the swarm: stop this client's DHT node and network thread."""
+        self.model.sequence.shutdown()
 
     @property
     def active_session(self) -> InferenceSession | None:
-        return self._active_session
+        return getattr(self._local, "session", None)
 
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         """transformers' generate, with the blocks in the swarm.
@@ -191,7 +196,7 @@ class DistributedCausalLMMixin:
         if (gen_config.num_beams or 1) > 1:
             raise NotImplementedError("beam search is not supported through the swarm yet")
 
-        session = self._active_session
+        session = self.active_session
         if session is not None:
             history = session.token_ids
             if inputs is None:

@@ -116,7 +116,10 @@ async def call_forward(
     writer = None
     try:
         _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, FORWARD_HANDLER), timeout)
-        await send_message(make_request([hidden], {}, uid=uid), writer)
+        try:
+            await send_message(make_request([hidden], {}, uid=uid), writer)
+        except ConnectionError:
+            pass  # the peer may have refused the request mid-way: its error is still waiting to be read
         response = await asyncio.wait_for(
             receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=max_bytes), timeout
         )

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random-weight checkpoints and real local swarms of `swarm-peer` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from local_swarm import LocalSwarm  # noqa: E402
+from model_tools import make_random_checkpoint  # noqa: E402
+
+# Peers in tests log warnings only and use one compute thread each: tests run several processes on 2 cores.
+PEER_ARGS = ["--log-level", "WARNING"]
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(tmp_path_factory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(tmp_path_factory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2", "qwen2", seed=2)
+
+
+def start_swarm(ckpt: Path, peers: int = 2, extra_args: list[str] | None = None, **kwargs) -> LocalSwarm:
+    return LocalSwarm(ckpt, peers=peers, threads_per_peer=1, extra_args=PEER_ARGS + list(extra_args or []),
+                      **kwargs).start()
+
+
+@pytest.fixture(scope="module")
+def llama_swarm(llama_ckpt):
+    swarm = start_swarm(llama_ckpt)
+    yield swarm
+    swarm.stop()
+
+
+@pytest.fixture(scope="module")
+def llama_client(llama_ckpt, llama_swarm):
+    from swarm import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(llama_ckpt, initial_peers=llama_swarm.initial_peers)
+    yield model
+    model.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_model():
+    """Local transformers models, cached per checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[Path, torch.nn.Module] = {}
+
+    def get(path: Path) -> torch.nn.Module:
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[path]
+
+    return get

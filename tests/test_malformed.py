@@ -1,0 +1,197 @@
+"""A peer answers malformed requests with clear errors and keeps serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import start_swarm
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from peers.protocol import FORWARD_HANDLER, INFERENCE_HANDLER, make_request, receive_message, send_message
+from swarm import AutoDistributedModelForCausalLM, PeerError
+from swarm.transport import InferenceStream, call_forward
+
+HIDDEN = 64
+MAX_LENGTH = 48
+MAX_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def guarded(llama_ckpt):
+    """One peer serving blocks 0:4 with small limits, and a client connected to it."""
+    swarm = start_swarm(
+        llama_ckpt,
+        peers=1,
+        spans=[(0, 4)],
+        extra_args=["--max-length", str(MAX_LENGTH), "--max-batch", "4", "--max-message-bytes", str(MAX_BYTES),
+                    "--cache-tokens", "200", "--max-sessions", "3"],
+    )
+    model = AutoDistributedModelForCausalLM.from_pretrained(llama_ckpt, initial_peers=swarm.initial_peers)
+    yield swarm, model
+    model.shutdown()
+    swarm.stop()
+
+
+def _ctx(guarded):
+    swarm, model = guarded
+    return model.model.sequence, PeerID.from_base58(swarm.peers[0].info["peer_id"])
+
+
+def forward(guarded, hidden: torch.Tensor, uid: str = "0:4") -> torch.Tensor:
+    seq, peer = _ctx(guarded)
+    return seq.loop.run(call_forward(seq.p2p, peer, uid, hidden, 10**8, timeout=30))
+
+
+@pytest.mark.parametrize(
+    "hidden, uid, message",
+    [
+        (torch.randn(1, 3, HIDDEN + 1), "0:4", "hidden size must be 64"),
+        (torch.randn(3, HIDDEN), "0:4", "must have 3 dimensions"),
+        (torch.randn(1, 3, 2, HIDDEN), "0:4", "must have 3 dimensions"),
+        (torch.randint(0, 5, (1, 3, HIDDEN)), "0:4", "dtype 'int64'"),
+        (torch.randn(1, 3, HIDDEN), "4:8", r"blocks \[4, 8\) are not served here"),
+        (torch.randn(1, 3, HIDDEN), "2:1", "not served here"),
+        (torch.randn(1, 3, HIDDEN), "zero:four", "span must look like"),
+        (torch.full((1, 3, HIDDEN), float("nan")), "0:4", "NaN"),
+        (torch.full((1, 3, HIDDEN), float("inf")), "0:4", "infinite"),
+        (torch.randn(5, 3, HIDDEN), "0:4", "batch size 5 exceeds this peer's limit of 4"),
+        (torch.randn(1, MAX_LENGTH + 1, HIDDEN), "0:4", "exceeds this peer's max length"),
+        (torch.randn(2, 200, HIDDEN), "0:4", "exceeds the limit of 65536 bytes"),
+    ],
+)
+def test_bad_forward_requests_get_clear_errors(guarded, hidden, uid, message):
+    with pytest.raises(PeerError, match=message):
+        forward(guarded, hidden, uid)
+
+
+def open_stream(guarded, max_length: int = 16, batch: int = 1, uid: str = "0:4") -> InferenceStream:
+    seq, peer = _ctx(guarded)
+    stream = InferenceStream(seq.p2p, peer, uid, 10**8, timeout=30)
+    seq.loop.run(stream.open(max_length, batch, connect_timeout=30))
+    return stream
+
+
+def step(guarded, stream: InferenceStream, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    return _ctx(guarded)[0].loop.run(stream.step(hidden, position))
+
+
+def close(guarded, stream: InferenceStream) -> None:
+    _ctx(guarded)[0].loop.run(stream.close())
+
+
+@pytest.mark.parametrize(
+    "max_length, batch, uid, message",
+    [
+        (MAX_LENGTH + 1, 1, "0:4", "'max_length'=49 is outside"),
+        (0, 1, "0:4", "'max_length'=0 is outside"),
+        (8, 0, "0:4", "'batch'=0 is outside"),
+        (40, 4, "0:4", "needs 160 cache tokens"),  # fits max_length and batch, but not... see below
+        (8, 1, "3:9", "not served here"),
+    ],
+)
+def test_bad_session_openings_get_clear_errors(guarded, max_length, batch, uid, message):
+    if message.startswith("needs"):
+        # 200 cache tokens: hold one session of 2x48=96 tokens, then ask for 160 more
+        holder = open_stream(guarded, max_length=48, batch=2)
+        try:
+            with pytest.raises(PeerError, match="needs 160 cache tokens but only 104 of 200 are free"):
+                open_stream(guarded, max_length, batch, uid)
+        finally:
+            close(guarded, holder)
+        return
+    with pytest.raises(PeerError, match=message):
+        open_stream(guarded, max_length, batch, uid)
+
+
+def test_bad_steps_end_only_their_own_session(guarded, llama_ckpt, local_model):
+    _, model = guarded
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(1))
+    expected = local_model(llama_ckpt).generate(ids, max_new_tokens=12, do_sample=False)
+    with model.inference_session(max_length=30) as good:
+        first = model.generate(ids, max_new_tokens=4, do_sample=False)
+        cases = [
+            (lambda s: step(guarded, s, torch.randn(1, 2, HIDDEN), 5), "holds only 0 tokens"),
+            (lambda s: step(guarded, s, torch.randn(1, 17, HIDDEN), 0), "over its max_length 16"),
+            (lambda s: step(guarded, s, torch.randn(2, 1, HIDDEN), 0), "opened with batch size 1, got 2"),
+            (lambda s: step(guarded, s, torch.full((1, 1, HIDDEN), float("nan")), 0), "NaN"),
+            (lambda s: step(guarded, s, torch.randn(1, 1, HIDDEN + 3), 0), "hidden size must be 64"),
+        ]
+        for bad_call, message in cases:
+            stream = open_stream(guarded)
+            try:
+                with pytest.raises(PeerError, match=message):
+                    bad_call(stream)
+                # the session that misbehaved is closed by the peer
+                with pytest.raises(PeerError):
+                    step(guarded, stream, torch.randn(1, 1, HIDDEN), 0)
+            finally:
+                close(guarded, stream)
+        # the well-behaved session, open all along, continues exactly
+        assert good.position == 13
+        second = model.generate(None, max_new_tokens=8, do_sample=False)
+    assert torch.equal(first, expected[:, :14])
+    assert torch.equal(second, expected)
+
+
+def test_oversized_and_garbage_frames_are_refused(guarded):
+    seq, peer = _ctx(guarded)
+
+    async def raw(frame: bytes) -> str:
+        _, reader, writer = await seq.p2p.call_binary_stream_handler(peer, FORWARD_HANDLER)
+        try:
+            writer.write(frame)
+            await writer.drain()
+            try:
+                await receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=10**6)
+            except Exception as e:
+                return str(e)
+            return "no error"
+        finally:
+            writer.close()
+
+    # a header announcing 1 GiB is refused before any payload is sent
+    assert "exceeds the limit of 65536 bytes" in seq.loop.run(raw(b"\x00" + (2**30).to_bytes(8, "big")))
+    assert "invalid frame marker" in seq.loop.run(raw(b"\x07" + (10).to_bytes(8, "big") + b"x" * 10))
+    assert "not a valid ExpertRequest" in seq.loop.run(raw(b"\x00" + (4).to_bytes(8, "big") + b"\xff\xff\xff\xff"))
+
+
+def test_too_many_sessions_is_refused_and_freed(guarded):
+    streams = [open_stream(guarded, max_length=8) for _ in range(3)]
+    try:
+        with pytest.raises(PeerError, match="limit of 3 sessions"):
+            open_stream(guarded, max_length=8)
+    finally:
+        for s in streams:
+            close(guarded, s)
+    # closed sessions give their slots and cache back (the peer notices the close asynchronously)
+    for attempt in range(50):
+        try:
+            streams = [open_stream(guarded, max_length=8) for _ in range(3)]
+            break
+        except PeerError:
+            asyncio.run(asyncio.sleep(0.1))
+    for s in streams:
+        close(guarded, s)
+
+
+def test_session_metadata_must_be_well_typed(guarded):
+    seq, peer = _ctx(guarded)
+
+    async def opening(metadata: dict) -> str:
+        _, reader, writer = await seq.p2p.call_binary_stream_handler(peer, INFERENCE_HANDLER)
+        try:
+            await send_message(make_request([], metadata, uid="0:4"), writer)
+            try:
+                await receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=10**6)
+            except Exception as e:
+                return str(e)
+            return "no error"
+        finally:
+            writer.close()
+
+    assert "'max_length' must be an integer, got str" in seq.loop.run(opening({"max_length": "8", "batch": 1}))
+    assert "'batch' must be an integer, got bool" in seq.loop.run(opening({"max_length": 8, "batch": True}))
+    assert "'batch' is required" in seq.loop.run(opening({"max_length": 8}))
