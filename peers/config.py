@@ -174,11 +174,16 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
         data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: settings must be a table of key = value pairs")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

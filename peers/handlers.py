@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,7 +54,7 @@ class BlockService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.device = next(span.parameters()).device
         self.sessions: dict[int, InferenceSession] = {}
-        self.stats = {"inference_steps": 0, "forward_calls": 0, "errors": 0, "tokens_processed": 0}
+        self.stats = {"inference_steps": 0, "forward_calls": 0, "errors": 0, "tokens_processed": 0, "compute_seconds": 0.0}
         self._p2p: P2P | None = None
 
     async def start(self, p2p: P2P) -> None:
@@ -71,6 +72,13 @@ class BlockService:
     # ---- compute (runs on the compute thread) ----
 
     def _run(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int) -> torch.Tensor:
+        began = time.perf_counter()
+        try:
+            return self._run_blocks(hidden, session, start, end)
+        finally:
+            self.stats["compute_seconds"] += time.perf_counter() - began
+
+    def _run_blocks(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int):
         wire_dtype = hidden.dtype
         with torch.inference_mode():
             x = hidden.to(self.device, self.span.dtype)

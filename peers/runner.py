@@ -32,6 +32,7 @@ from peers.validation import Limits
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
+OFFLINE_ANNOUNCE_TIMEOUT = 10.0  # seconds; a peer that cannot reach the DHT still exits promptly
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -187,9 +188,16 @@ async def serve_peer(config: PeerConfig) -> None:
                     config.record_ttl,
                 )
         logger.info("shutting down: announcing offline")
-        await loop.run_in_executor(
-            None, announce_blocks, dht, prefix, blocks, record("offline", throughput), signer, config.record_ttl
-        )
+        try:
+            await asyncio.wait_for(
+                loop.run_in_executor(
+                    None, announce_blocks, dht, prefix, blocks, record("offline", throughput), signer,
+                    config.record_ttl,
+                ),
+                timeout=OFFLINE_ANNOUNCE_TIMEOUT,
+            )
+        except Exception as e:  # still shut down cleanly: the records expire on their own
+            logger.warning(f"could not announce going offline: {e!r}")
     finally:
         if service is not None:
             await service.stop()

@@ -146,6 +146,14 @@ class LocalSwarm:
     def __enter__(self) -> LocalSwarm:
         return self.start()
 
+    def stop_checked(self) -> None:
+        """Stop every peer and raise, with their logs, if any did not exit with code 0."""
+        codes = self.stop()
+        bad = [(peer, code) for peer, code in zip(self.peers, codes, strict=True) if code != 0]
+        if bad:
+            details = "\n".join(f"--- {p.log_file} (exit {code}):\n{p.log_tail()}" for p, code in bad)
+            raise SwarmStartError(f"{len(bad)} peer(s) did not exit cleanly:\n{details}")
+
     def __exit__(self, *exc) -> None:
         self.stop()
 
@@ -160,7 +168,7 @@ def main() -> None:
     extra = args.peer_args[1:] if args.peer_args[:1] == ["--"] else args.peer_args
     swarm = LocalSwarm(args.model, args.peers, extra_args=extra, threads_per_peer=args.threads_per_peer)
     with swarm:
-        for peer, span in zip(swarm.peers, swarm.spans):
+        for peer, span in zip(swarm.peers, swarm.spans, strict=True):
             print(f"peer {peer.info['peer_id']} serves blocks {span[0]}:{span[1]} (log: {peer.log_file})")
         print("initial peers:", " ".join(swarm.initial_peers), flush=True)
         try:

@@ -73,10 +73,11 @@ class SwarmSnapshot:
             )
         return cls(num_blocks, peers)
 
-    def uncovered(self, start: int, end: int, exclude: Collection[PeerID] = ()) -> list[int]:
+    def uncovered(self, start: int, end: int, exclude: Collection[PeerID] = (), min_length: int = 1) -> list[int]:
+        """Blocks in [start, end) that no peer outside `exclude` with max_length >= min_length serves."""
         covered = set()
         for p in self.peers.values():
-            if p.peer_id not in exclude:
+            if p.peer_id not in exclude and p.max_length >= min_length:
                 covered.update(range(p.start, p.end))
         return [b for b in range(start, end) if b not in covered]
 
@@ -111,7 +112,7 @@ def fewest_hops_route(
     while position < end:
         candidates = [p for p in usable if p.start <= position < p.end]
         if not candidates:
-            raise NoRouteError(snapshot.uncovered(start, end, exclude) or [position])
+            raise NoRouteError(snapshot.uncovered(start, end, exclude, min_length) or [position])
         best = max(candidates, key=lambda p: (min(p.end, end), p.throughput, p.peer_id.to_bytes()))
         route.append(RouteSpan(best.peer_id, position, min(best.end, end)))
         position = min(best.end, end)

@@ -37,7 +37,7 @@ def start_swarm(ckpt: Path, peers: int = 2, extra_args: list[str] | None = None,
 def llama_swarm(llama_ckpt):
     swarm = start_swarm(llama_ckpt)
     yield swarm
-    swarm.stop()
+    swarm.stop_checked()
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +20,16 @@ from model_tools import make_random_checkpoint  # noqa: E402
 
 from peers.validation import Limits  # noqa: E402
 
-__all__ = ["REPO", "SafeOpenSpy", "make_limits", "make_random_checkpoint", "shard_map", "tensor_names"]
+__all__ = [
+    "INDEX_FILE",
+    "REPO",
+    "SafeOpenSpy",
+    "make_limits",
+    "make_random_checkpoint",
+    "one_torch_thread",
+    "shard_map",
+    "tensor_names",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -80,3 +92,14 @@ def make_limits(**overrides: Any) -> Limits:
     )
     values.update(overrides)
     return Limits(**values)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is much faster than OpenMP threads spinning on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -32,7 +32,7 @@ def guarded(llama_ckpt):
     model = AutoDistributedModelForCausalLM.from_pretrained(llama_ckpt, initial_peers=swarm.initial_peers)
     yield swarm, model
     model.shutdown()
-    swarm.stop()
+    swarm.stop_checked()
 
 
 def _ctx(guarded):

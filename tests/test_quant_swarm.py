@@ -24,7 +24,7 @@ def quant_swarm(llama_ckpt):
             swarm.start_peer((0, 4), extra_args=PEER_ARGS + ["--quant", mode, "--dht-prefix", f"tiny-{mode}"])
         yield swarm
     finally:
-        assert swarm.stop() == [0, 0]
+        swarm.stop_checked()
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])

@@ -53,7 +53,7 @@ def test_qwen2_logits_and_greedy_match_local(qwen2_ckpt, local_model):
     finally:
         if model is not None:
             model.shutdown()
-        assert swarm.stop() == [0, 0]
+        swarm.stop_checked()
 
 
 def test_greedy_generation_is_identical(llama_ckpt, llama_client, local_model):

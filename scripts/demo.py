@@ -1,0 +1,63 @@
+"""The demo: start a local swarm of 2 peers on 127.0.0.1, generate text through it with tokens streaming to the
+terminal, and stop the peers.
+
+    python scripts/demo.py ["prompt"] [--model DIR] [--max-new-tokens N]
+
+Without --model it uses a small Llama trained on this machine's Python docstrings (made once, in about two minutes,
+and cached in demo-model/): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+from local_swarm import LocalSwarm  # noqa: E402
+from make_demo_model import make_demo_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", default="Return the")
+    parser.add_argument("--model", default=None, help="checkpoint dir with a tokenizer (default: the demo model)")
+    parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from swarm import AutoDistributedModelForCausalLM
+
+    model_dir = Path(args.model) if args.model else make_demo_model(REPO / "demo-model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    print(f"[demo] starting {args.peers} peers for {model_dir.name} on 127.0.0.1 ...", flush=True)
+    started = time.perf_counter()
+    with LocalSwarm(model_dir, peers=args.peers, extra_args=["--log-level", "WARNING"]) as swarm:
+        for peer, span in zip(swarm.peers, swarm.spans, strict=True):
+            print(f"[demo] peer ...{peer.info['peer_id'][-8:]} serves blocks {span[0]}:{span[1]}")
+        print(f"[demo] swarm ready in {time.perf_counter() - started:.1f} s; generating:\n", flush=True)
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+        try:
+            torch.manual_seed(args.seed)
+            inputs = tokenizer(args.prompt, return_tensors="pt").input_ids
+            began = time.perf_counter()
+            out = model.generate(inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer))
+            elapsed = time.perf_counter() - began
+            new_tokens = out.shape[1] - inputs.shape[1]
+            print(f"\n[demo] {new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s)")
+        finally:
+            model.shutdown()
+        print("[demo] stopping the peers ...", flush=True)
+    print("[demo] done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install blockswarm with its test tools. Safe to re-run.
+# torch goes in first, pinned to a build that is available locally (override with TORCH_SPEC, e.g. for CUDA),
+# so that resolving the other requirements never pulls a multi-GB CUDA build by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "[setup] installing $TORCH_SPEC"
+    "${PIP[@]}" install "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import torch" || { echo "[setup] torch failed to install"; exit 1; }
+fi
+echo "[setup] installing blockswarm and its dependencies"
+"${PIP[@]}" install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import blocks, dht, peers, swarm, hivemind, transformers, bitsandbytes, pytest" \
+    || { echo "[setup] installation is incomplete"; exit 1; }
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers, hivemind; print(f"torch {torch.__version__}, transformers {transformers.__version__}, hivemind {hivemind.__version__}")')"

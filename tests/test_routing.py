@@ -1,0 +1,297 @@
+"""swarm.routing and peers.placement: pure functions over hand-built swarm snapshots."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hivemind.p2p import PeerID
+
+from dht.records import BlockServer, ServerRecord
+from peers.placement import choose_span, coverage
+from swarm.routing import NoRouteError, PeerSpan, RouteSpan, SwarmSnapshot, fewest_hops_route
+
+# Real libp2p peer IDs (made with dht.identity.load_or_create_identity(None)).
+IDS = [
+    PeerID.from_base58(text)
+    for text in (
+        "QmZ51uiRq4szsNu12oVr8t7RUbA97dz6uXCVghMppUALN8",
+        "QmUqTvzgtAd4ptVHmaoVsj3tuzXCy8CRoWmGpQuAECrtPA",
+        "QmUQJatcuUJ692Euos1DoBbM9cmNUxJy612w8fSjdMxEoy",
+        "QmYm7k4QFdrdD7dAVqvvimpXE2xzSiDxNiyN9rKEj97uqx",
+        "Qme7PSWX6K5jt1eM1DxBckCMZb9BL5hJb8a16AUmMaxxKz",
+        "QmawQPQRVf6pjDG6ZR5JFyfLTSNZJn16YxohnB5pum215Q",
+        "QmbxokQ7YpU1wrgwRouGjSqte4LWfE7avxmDPuhCdKmu8r",
+        "QmUry5zLoKNrKEN8KG8PxkkwjsNjTt9CgtmSfVP2PTtnSv",
+    )
+]
+A, B, C, D, E, F, G, H = IDS
+
+
+def snapshot(num_blocks: int, *spans: tuple) -> SwarmSnapshot:
+    """spans: (peer_id, start, end[, throughput[, max_length]])."""
+    peers = {}
+    for peer_id, start, end, *rest in spans:
+        throughput = rest[0] if rest else 1.0
+        max_length = rest[1] if len(rest) > 1 else 2048
+        peers[peer_id] = PeerSpan(peer_id, start, end, throughput, 1000, max_length)
+    return SwarmSnapshot(num_blocks, peers)
+
+
+def min_hops(snap: SwarmSnapshot, start: int, end: int, exclude=(), min_length: int = 1) -> int | None:
+    """Fewest hops by breadth-first search over positions (an independent reference)."""
+    usable = [p for p in snap.peers.values() if p.peer_id not in exclude and p.max_length >= min_length]
+    frontier, seen, hops = {start}, {start}, 0
+    while frontier:
+        if end in frontier or any(pos >= end for pos in frontier):
+            return hops
+        nxt = set()
+        for pos in frontier:
+            for p in usable:
+                if p.start <= pos < p.end:
+                    reach = min(p.end, end)
+                    if reach not in seen:
+                        seen.add(reach)
+                        nxt.add(reach)
+        frontier, hops = nxt, hops + 1
+    return None
+
+
+def check_route(snap: SwarmSnapshot, route: list[RouteSpan], start: int, end: int) -> None:
+    assert route, "empty route"
+    assert route[0].start == start and route[-1].end == end
+    for prev, nxt in zip(route[:-1], route[1:], strict=True):
+        assert prev.end == nxt.start  # contiguous, in order, no overlap
+    for hop in route:
+        peer = snap.peers[hop.peer_id]
+        assert peer.start <= hop.start < hop.end <= peer.end  # each hop is inside what its peer serves
+        assert hop.uid == f"{hop.start}:{hop.end}"
+
+
+# ---- fewest_hops_route ----
+
+
+def test_covers_with_fewest_hops():
+    snap = snapshot(8, (A, 0, 3, 10.0), (B, 3, 8, 10.0), (C, 0, 5, 1.0), (D, 5, 8, 1.0), (E, 0, 1), (F, 1, 8))
+    route = fewest_hops_route(snap, 0, 8)
+    check_route(snap, route, 0, 8)
+    assert len(route) == 2 == min_hops(snap, 0, 8)
+
+
+def test_single_peer_serving_everything_is_one_hop():
+    snap = snapshot(8, (A, 0, 4, 50.0), (B, 4, 8, 50.0), (C, 0, 8, 1.0))
+    assert fewest_hops_route(snap, 0, 8) == [RouteSpan(C, 0, 8)]
+
+
+def test_greedy_prefers_farther_reach_over_throughput():
+    snap = snapshot(8, (A, 0, 4, 100.0), (B, 0, 6, 1.0), (C, 4, 8, 100.0), (D, 6, 8, 1.0))
+    route = fewest_hops_route(snap, 0, 8)
+    assert len(route) == 2
+    assert route[0] == RouteSpan(B, 0, 6)
+
+
+def test_prefers_higher_throughput_on_ties():
+    snap = snapshot(6, (A, 0, 6, 5.0), (B, 0, 6, 9.0), (C, 0, 6, 7.0))
+    assert fewest_hops_route(snap, 0, 6) == [RouteSpan(B, 0, 6)]
+    # ties by reach *within the requested range*: both reach past block 3
+    snap = snapshot(8, (A, 0, 4, 1.0), (B, 4, 8, 2.0), (C, 4, 6, 30.0), (D, 2, 8, 3.0))
+    route = fewest_hops_route(snap, 0, 6)
+    assert route == [RouteSpan(A, 0, 4), RouteSpan(C, 4, 6)]
+
+
+def test_sub_range_route_is_clipped():
+    snap = snapshot(10, (A, 0, 5), (B, 3, 10))
+    route = fewest_hops_route(snap, 2, 7)
+    assert route == [RouteSpan(A, 2, 5), RouteSpan(B, 5, 7)]
+    assert fewest_hops_route(snap, 4, 5) in ([RouteSpan(A, 4, 5)], [RouteSpan(B, 4, 5)])
+
+
+def test_exclude():
+    snap = snapshot(8, (A, 0, 8, 10.0), (B, 0, 4, 1.0), (C, 4, 8, 1.0))
+    assert fewest_hops_route(snap, 0, 8) == [RouteSpan(A, 0, 8)]
+    assert fewest_hops_route(snap, 0, 8, exclude={A}) == [RouteSpan(B, 0, 4), RouteSpan(C, 4, 8)]
+    with pytest.raises(NoRouteError) as info:
+        fewest_hops_route(snap, 0, 8, exclude=[A, C])
+    assert info.value.uncovered == [4, 5, 6, 7]
+    assert "4-7" in str(info.value)
+
+
+def test_min_length():
+    snap = snapshot(8, (A, 0, 8, 10.0, 128), (B, 0, 4, 1.0, 4096), (C, 4, 8, 1.0, 4096))
+    assert fewest_hops_route(snap, 0, 8, min_length=128) == [RouteSpan(A, 0, 8)]
+    assert fewest_hops_route(snap, 0, 8, min_length=129) == [RouteSpan(B, 0, 4), RouteSpan(C, 4, 8)]
+
+
+def test_min_length_reports_the_blocks_it_leaves_uncovered():
+    snap = snapshot(8, (A, 0, 4, 1.0, 4096), (B, 4, 8, 1.0, 64), (C, 6, 8, 1.0, 64))
+    with pytest.raises(NoRouteError) as info:
+        fewest_hops_route(snap, 0, 8, min_length=100)
+    assert info.value.uncovered == [4, 5, 6, 7]
+    assert "4-7" in str(info.value)
+
+
+def test_no_route_lists_exact_uncovered_blocks():
+    snap = snapshot(10, (A, 0, 2), (B, 4, 5), (C, 8, 9))
+    with pytest.raises(NoRouteError) as info:
+        fewest_hops_route(snap, 0, 10)
+    assert info.value.uncovered == [2, 3, 5, 6, 7, 9]
+    message = str(info.value)
+    assert "2-3" in message and "5-7" in message and "9" in message
+    assert "block(s) 2-3, 5-7, 9" in message
+    # only the requested range counts
+    with pytest.raises(NoRouteError) as info:
+        fewest_hops_route(snap, 1, 4)
+    assert info.value.uncovered == [2, 3]
+
+
+def test_no_route_on_empty_swarm():
+    with pytest.raises(NoRouteError) as info:
+        fewest_hops_route(SwarmSnapshot(4), 0, 4)
+    assert info.value.uncovered == [0, 1, 2, 3]
+    assert "0-3" in str(info.value)
+
+
+def test_no_route_error_message_with_prefix():
+    error = NoRouteError([1, 2, 3, 7], "tiny-llama")
+    assert str(error) == "no online peer serves block(s) 1-3, 7 of tiny-llama"
+    assert error.uncovered == [1, 2, 3, 7]
+
+
+def test_random_snapshots_match_breadth_first_search():
+    rng = random.Random(0)
+    routed = failed = 0
+    for _ in range(300):
+        n = rng.randint(1, 12)
+        spans = []
+        for peer_id in rng.sample(IDS, rng.randint(0, len(IDS))):
+            s = rng.randrange(n)
+            spans.append((peer_id, s, rng.randint(s + 1, n), rng.choice([1.0, 2.0, 3.0]), rng.choice([64, 2048])))
+        snap = snapshot(n, *spans)
+        start = rng.randrange(n)
+        end = rng.randint(start + 1, n)
+        exclude = set(rng.sample(IDS, rng.randint(0, 2)))
+        min_length = rng.choice([1, 100])
+        best = min_hops(snap, start, end, exclude, min_length)
+        if best is None:
+            with pytest.raises(NoRouteError) as info:
+                fewest_hops_route(snap, start, end, exclude=exclude, min_length=min_length)
+            usable = [p for p in snap.peers.values() if p.peer_id not in exclude and p.max_length >= min_length]
+            truly_uncovered = [b for b in range(start, end) if not any(p.start <= b < p.end for p in usable)]
+            assert info.value.uncovered == truly_uncovered
+            failed += 1
+            continue
+        route = fewest_hops_route(snap, start, end, exclude=exclude, min_length=min_length)
+        check_route(snap, route, start, end)
+        assert len(route) == best
+        assert all(h.peer_id not in exclude and snap.peers[h.peer_id].max_length >= min_length for h in route)
+        routed += 1
+    assert routed > 50 and failed > 50  # both branches were exercised
+
+
+# ---- SwarmSnapshot.from_servers ----
+
+
+def _record(start: int, end: int, state: str = "online", throughput: float = 1.0, **kw) -> ServerRecord:
+    values = dict(
+        state=state,
+        start=start,
+        end=end,
+        throughput=throughput,
+        dtype="float32",
+        quant="none",
+        cache_tokens_left=500,
+        max_length=256,
+        version="0.1.0",
+    )
+    values.update(kw)
+    return ServerRecord(**values)
+
+
+def _servers(*entries: tuple) -> dict[int, list[BlockServer]]:
+    """entries: (peer_id, blocks, record, expiration)."""
+    out: dict[int, list[BlockServer]] = {}
+    for peer_id, blocks, record, expiration in entries:
+        for block in blocks:
+            out.setdefault(block, []).append(BlockServer(peer_id, block, record, expiration))
+    return out
+
+
+def test_from_servers_merges_and_filters():
+    servers = _servers(
+        (A, [0, 1, 2], _record(0, 3, throughput=4.0, max_length=512, cache_tokens_left=77), 100.0),
+        (B, [3, 4, 5], _record(3, 6, state="joining"), 100.0),
+        (C, [0, 1, 2, 3, 4, 5, 6, 7], _record(0, 8, state="offline"), 100.0),
+        (D, [4, 6, 7], _record(4, 8), 100.0),  # block 5's record lapsed: only the run from block 4 counts
+    )
+    snap = SwarmSnapshot.from_servers(8, servers)
+    assert snap.num_blocks == 8
+    assert set(snap.peers) == {A, D}
+    assert snap.peers[A] == PeerSpan(A, 0, 3, 4.0, 77, 512)
+    assert (snap.peers[D].start, snap.peers[D].end) == (4, 5)
+    assert snap.uncovered(0, 8) == [3, 5, 6, 7]
+
+
+def test_from_servers_uses_the_latest_record():
+    servers = _servers(
+        (E, [2], _record(2, 4, throughput=1.0, cache_tokens_left=10), 100.0),
+        (E, [3], _record(2, 4, throughput=7.0, cache_tokens_left=20), 200.0),
+    )
+    [peer] = SwarmSnapshot.from_servers(8, servers).peers.values()
+    assert (peer.peer_id, peer.start, peer.end, peer.throughput, peer.cache_tokens_left) == (E, 2, 4, 7.0, 20)
+
+
+def test_from_servers_mixed_states_of_one_peer():
+    servers = _servers(
+        (F, [0], _record(0, 2), 100.0),
+        (F, [1], _record(0, 2, state="offline"), 150.0),
+    )
+    snap = SwarmSnapshot.from_servers(4, servers)
+    assert (snap.peers[F].start, snap.peers[F].end) == (0, 1)
+
+
+def test_from_servers_then_route():
+    servers = _servers(
+        (A, [0, 1], _record(0, 2, throughput=5.0), 100.0),
+        (B, [2, 3], _record(2, 4, throughput=5.0), 100.0),
+        (C, [0, 1, 2, 3], _record(0, 4, state="joining", throughput=100.0), 100.0),
+    )
+    route = fewest_hops_route(SwarmSnapshot.from_servers(4, servers), 0, 4)
+    assert route == [RouteSpan(A, 0, 2), RouteSpan(B, 2, 4)]
+    assert SwarmSnapshot.from_servers(4, {}).peers == {}
+
+
+# ---- peers.placement ----
+
+
+def test_coverage():
+    assert coverage(4, []) == [0, 0, 0, 0]
+    assert coverage(4, [(0, 2), (1, 4), (3, 10), (-2, 1)]) == [2, 2, 1, 2]
+    assert coverage(3, [(5, 9)]) == [0, 0, 0]
+
+
+def test_choose_span_first_uncovered_window():
+    assert choose_span(8, 3, [0] * 8) == (0, 3)
+    assert choose_span(8, 3, [1, 1, 0, 0, 0, 1, 1, 1]) == (2, 5)
+    assert choose_span(8, 2, coverage(8, [(0, 4)])) == (4, 6)
+    assert choose_span(8, 4, coverage(8, [(0, 4)])) == (4, 8)
+
+
+def test_choose_span_prefers_more_uncovered_blocks():
+    # block 0 is uncovered, but the window at 3 has two uncovered blocks
+    assert choose_span(8, 3, [0, 1, 1, 1, 0, 0, 1, 1]) == (3, 6)
+    # any uncovered block beats a window of low but non-zero coverage
+    assert choose_span(8, 4, [0, 5, 5, 5, 1, 1, 1, 1]) == (0, 4)
+    # fully covered swarm: the least covered window
+    assert choose_span(6, 2, [3, 3, 1, 2, 2, 2]) == (2, 4)
+
+
+def test_choose_span_clamps_length():
+    assert choose_span(4, 10, [0, 0, 0, 0]) == (0, 4)
+    assert choose_span(4, 4, [2, 0, 1, 3]) == (0, 4)
+    assert choose_span(1, 1, [7]) == (0, 1)
+
+
+@pytest.mark.parametrize("length", [0, -1, -10])
+def test_choose_span_rejects_bad_length(length):
+    with pytest.raises(ValueError):
+        choose_span(8, length, [0] * 8)
