@@ -146,6 +146,10 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
             if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(value)
             return lowered in ("1", "true", "yes", "on")
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # TOML/JSON true is not a number
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
         return base(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name!r}: cannot read {value!r} as {base.__name__}") from None

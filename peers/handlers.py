@@ -54,7 +54,13 @@ class BlockService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.device = next(span.parameters()).device
         self.sessions: dict[int, InferenceSession] = {}
-        self.stats = {"inference_steps": 0, "forward_calls": 0, "errors": 0, "tokens_processed": 0, "compute_seconds": 0.0}
+        self.stats = {
+            "inference_steps": 0,
+            "forward_calls": 0,
+            "errors": 0,
+            "tokens_processed": 0,
+            "compute_seconds": 0.0,
+        }
         self._p2p: P2P | None = None
 
     async def start(self, p2p: P2P) -> None:

@@ -105,6 +105,8 @@ async def serve_peer(config: PeerConfig) -> None:
     service: BlockService | None = None
     try:
         start, end = await loop.run_in_executor(None, pick_blocks, config, dht, prefix, ckpt.num_blocks)
+        # Now that the span is known, make sure its shards are present (fetches only those from the hub).
+        ckpt = await loop.run_in_executor(None, lambda: open_checkpoint(config.model, blocks=range(start, end)))
         budget = CacheBudget(config.cache_tokens, config.max_sessions)
 
         def record(state: str, throughput: float = 0.0) -> ServerRecord:
@@ -191,7 +193,13 @@ async def serve_peer(config: PeerConfig) -> None:
         try:
             await asyncio.wait_for(
                 loop.run_in_executor(
-                    None, announce_blocks, dht, prefix, blocks, record("offline", throughput), signer,
+                    None,
+                    announce_blocks,
+                    dht,
+                    prefix,
+                    blocks,
+                    record("offline", throughput),
+                    signer,
                     config.record_ttl,
                 ),
                 timeout=OFFLINE_ANNOUNCE_TIMEOUT,

@@ -45,8 +45,9 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[flo
     streamer = TokenTimes()
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             streamer=streamer)
+        out = model.generate(
+            input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=streamer
+        )
     end = time.perf_counter()
     ttft = streamer.times[1] - start
     return new_tokens / (end - start), ttft, out

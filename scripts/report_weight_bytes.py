@@ -35,10 +35,19 @@ def main() -> None:
         for mode in QUANT_MODES:
             block = load_block(ckpt, args.block, torch.float32, quant=mode)
             report = weight_bytes_report(block)
-            print(json.dumps({"model": Path(path).name, "block": args.block, "quant": mode,
-                              "weight_bytes": report["weight_bytes"], "fp16_bytes": report["fp16_bytes"],
-                              "ratio_vs_fp16": round(report["ratio_vs_fp16"], 4),
-                              "bytes_per_weight": round(report["bytes_per_weight"], 4)}))
+            print(
+                json.dumps(
+                    {
+                        "model": Path(path).name,
+                        "block": args.block,
+                        "quant": mode,
+                        "weight_bytes": report["weight_bytes"],
+                        "fp16_bytes": report["fp16_bytes"],
+                        "ratio_vs_fp16": round(report["ratio_vs_fp16"], 4),
+                        "bytes_per_weight": round(report["bytes_per_weight"], 4),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

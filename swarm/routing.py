@@ -54,22 +54,32 @@ class SwarmSnapshot:
 
     @classmethod
     def from_servers(cls, num_blocks: int, servers: dict[int, list[BlockServer]]) -> SwarmSnapshot:
-        """Online peers only; a peer's span is the contiguous run of blocks its records were found under."""
+        """Peers whose newest record is online, with the span that record announces.
+
+        Blocks count only where the peer's record carries that same span, so records left over from an earlier
+        span of the same peer (e.g. after a restart) are ignored until they expire.
+        """
         found: dict[PeerID, list[BlockServer]] = {}
         for entries in servers.values():
             for entry in entries:
-                if entry.record.state == "online":
-                    found.setdefault(entry.peer_id, []).append(entry)
+                found.setdefault(entry.peer_id, []).append(entry)
         peers = {}
         for peer_id, entries in found.items():
             record = max(entries, key=lambda e: e.expiration).record
-            blocks = sorted({e.block for e in entries})
-            # Use only the contiguous run starting at the first block (records of other blocks may have lapsed).
-            end = blocks[0]
+            if record.state != "online":
+                continue
+            blocks = {
+                e.block
+                for e in entries
+                if e.record.state == "online" and (e.record.start, e.record.end) == (record.start, record.end)
+            }
+            # The contiguous run of announced blocks from the span's start (a block's record may have lapsed).
+            start = min(blocks)
+            end = start
             while end in blocks:
                 end += 1
             peers[peer_id] = PeerSpan(
-                peer_id, blocks[0], end, record.throughput, record.cache_tokens_left, record.max_length
+                peer_id, start, end, record.throughput, record.cache_tokens_left, record.max_length
             )
         return cls(num_blocks, peers)
 

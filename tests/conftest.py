@@ -29,8 +29,9 @@ def qwen2_ckpt(tmp_path_factory) -> Path:
 
 
 def start_swarm(ckpt: Path, peers: int = 2, extra_args: list[str] | None = None, **kwargs) -> LocalSwarm:
-    return LocalSwarm(ckpt, peers=peers, threads_per_peer=1, extra_args=PEER_ARGS + list(extra_args or []),
-                      **kwargs).start()
+    return LocalSwarm(
+        ckpt, peers=peers, threads_per_peer=1, extra_args=PEER_ARGS + list(extra_args or []), **kwargs
+    ).start()
 
 
 @pytest.fixture(scope="module")

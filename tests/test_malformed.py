@@ -26,8 +26,18 @@ def guarded(llama_ckpt):
         llama_ckpt,
         peers=1,
         spans=[(0, 4)],
-        extra_args=["--max-length", str(MAX_LENGTH), "--max-batch", "4", "--max-message-bytes", str(MAX_BYTES),
-                    "--cache-tokens", "200", "--max-sessions", "3"],
+        extra_args=[
+            "--max-length",
+            str(MAX_LENGTH),
+            "--max-batch",
+            "4",
+            "--max-message-bytes",
+            str(MAX_BYTES),
+            "--cache-tokens",
+            "200",
+            "--max-sessions",
+            "3",
+        ],
     )
     model = AutoDistributedModelForCausalLM.from_pretrained(llama_ckpt, initial_peers=swarm.initial_peers)
     yield swarm, model
@@ -167,7 +177,7 @@ def test_too_many_sessions_is_refused_and_freed(guarded):
         for s in streams:
             close(guarded, s)
     # closed sessions give their slots and cache back (the peer notices the close asynchronously)
-    for attempt in range(50):
+    for _ in range(50):
         try:
             streams = [open_stream(guarded, max_length=8) for _ in range(3)]
             break

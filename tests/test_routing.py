@@ -245,8 +245,18 @@ def test_from_servers_mixed_states_of_one_peer():
         (F, [0], _record(0, 2), 100.0),
         (F, [1], _record(0, 2, state="offline"), 150.0),
     )
+    # the newest record says the peer went offline: none of its older records count
+    assert F not in SwarmSnapshot.from_servers(4, servers).peers
+
+
+def test_from_servers_ignores_records_of_an_earlier_span():
+    servers = _servers(
+        (F, [0, 1], _record(0, 2), 100.0),  # left over from before a restart
+        (F, [2, 3], _record(2, 4), 150.0),
+    )
     snap = SwarmSnapshot.from_servers(4, servers)
-    assert (snap.peers[F].start, snap.peers[F].end) == (0, 1)
+    assert (snap.peers[F].start, snap.peers[F].end) == (2, 4)
+    assert snap.uncovered(0, 4) == [0, 1]
 
 
 def test_from_servers_then_route():
