@@ -54,28 +54,35 @@ def _download_from_hub(repo_id: str, patterns: list[str]) -> Path:
 
 
 def open_checkpoint(name_or_path: str | os.PathLike, *, blocks: Iterable[int] | None = None) -> Checkpoint:
-    """Open a local checkpoint dir, or fetch from the hub only the shards holding `blocks` (None: client part)."""
+    """Open a local checkpoint dir, or fetch from the hub only the shards holding `blocks` (None: client part).
+
+    A local directory is never completed from the hub: missing shards are an error.
+    """
     path = Path(name_or_path)
-    if not path.is_dir():
-        if os.path.exists(path) or str(name_or_path).startswith((".", "/")):
+    local = path.is_dir()
+    if not local:
+        if path.exists() or str(name_or_path).startswith((".", "/", "~")):
             raise CheckpointError(f"{name_or_path} is not a checkpoint directory")
         path = _download_from_hub(str(name_or_path), ["*.json", "*.model", "*.txt"])
     config = AutoConfig.from_pretrained(path)
     family_of(config)  # fail early on unsupported architectures
     weight_map = _read_weight_map(path)
     missing = {f for f in _files_for(weight_map, blocks) if not (path / f).exists()}
+    if missing and local:
+        raise CheckpointError(f"{path} lacks the files {sorted(missing)} that its index lists")
     if missing:
         path = _download_from_hub(str(name_or_path), sorted(missing))
     return Checkpoint(path, config, weight_map)
 
 
 def _read_weight_map(path: Path) -> dict[str, str]:
-    if (path / INDEX_FILE).exists():
-        with open(path / INDEX_FILE) as f:
-            return dict(json.load(f)["weight_map"])
+    # Like transformers, a single-file checkpoint wins over a (possibly stale) index next to it.
     if (path / SINGLE_FILE).exists():
         with safe_open(path / SINGLE_FILE, framework="pt") as f:  # reads only the header
             return {name: SINGLE_FILE for name in f.keys()}
+    if (path / INDEX_FILE).exists():
+        with open(path / INDEX_FILE) as f:
+            return dict(json.load(f)["weight_map"])
     raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors is supported)")
 
 

@@ -22,6 +22,7 @@ from blocks.quantization import weight_bytes_report
 from blocks.span import load_span
 from dht.announce import announce_blocks, fetch_block_servers
 from dht.identity import load_or_create_identity
+from dht.node import start_dht_node
 from dht.records import ServerRecord, check_prefix, make_validators
 from peers.config import DhtConfig, DhtNodeConfig, PeerConfig, parse_span
 from peers.handlers import BlockService
@@ -47,14 +48,8 @@ def write_ready_file(path: str, payload: dict[str, Any]) -> None:
 
 
 def start_dht(config: DhtNodeConfig, identity_path: str, validators: list | None = None) -> DHT:
-    return DHT(
-        initial_peers=config.initial_peers,
-        start=True,
-        host_maddrs=config.host_maddrs,
-        announce_maddrs=config.announce_maddrs or None,
-        identity_path=identity_path,
-        record_validators=validators or [],
-        client_mode=False,
+    return start_dht_node(
+        config.initial_peers, config.host_maddrs, config.announce_maddrs, identity_path, validators, client_mode=False
     )
 
 
@@ -92,16 +87,15 @@ def pick_blocks(config: PeerConfig, dht: DHT, prefix: str, num_blocks: int) -> t
 
 async def serve_peer(config: PeerConfig) -> None:
     loop = asyncio.get_running_loop()
-    stop = _install_stop_handlers(loop)
     device = _resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
     ckpt = await loop.run_in_executor(None, open_checkpoint, config.model)
     prefix = check_prefix(config.dht_prefix or model_name_of(config.model))
     identity = load_or_create_identity(config.identity_path)
     signer = RSASignatureValidator(identity.private_key)
-    dht = await loop.run_in_executor(
-        None, start_dht, config, str(identity.path), make_validators(prefix, ckpt.num_blocks, signer)
-    )
+    # Started from the main thread, before our signal handlers exist, so the DHT process inherits neither.
+    dht = start_dht(config, str(identity.path), make_validators(prefix, ckpt.num_blocks, signer))
+    stop = _install_stop_handlers(loop)
     service: BlockService | None = None
     try:
         start, end = await loop.run_in_executor(None, pick_blocks, config, dht, prefix, ckpt.num_blocks)
@@ -219,9 +213,9 @@ async def serve_peer(config: PeerConfig) -> None:
 
 async def serve_dht(config: DhtConfig) -> None:
     loop = asyncio.get_running_loop()
-    stop = _install_stop_handlers(loop)
     identity = load_or_create_identity(config.identity_path)
-    dht = await loop.run_in_executor(None, start_dht, config, str(identity.path), None)
+    dht = start_dht(config, str(identity.path), None)
+    stop = _install_stop_handlers(loop)
     try:
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         if config.ready_file:

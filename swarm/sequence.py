@@ -6,11 +6,11 @@ import logging
 import time
 
 import torch
-from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P
 
 from dht.announce import fetch_block_servers
+from dht.node import start_dht_node
 from dht.records import check_prefix, make_validators
 from swarm.config import ClientConfig
 from swarm.routing import NoRouteError, RouteSpan, SwarmSnapshot, fewest_hops_route
@@ -25,12 +25,11 @@ class RemoteSequence:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, hidden_size: int):
         self.config, self.prefix = config, check_prefix(prefix)
         self.num_blocks, self.hidden_size = num_blocks, hidden_size
-        self.dht = DHT(
-            initial_peers=config.initial_peers,
-            start=True,
-            client_mode=True,
-            host_maddrs=config.host_maddrs,
+        self.dht = start_dht_node(
+            config.initial_peers,
+            config.host_maddrs,
             record_validators=make_validators(prefix, num_blocks, RSASignatureValidator()),
+            client_mode=True,
         )
         self.loop = LoopThread()
         self.p2p: P2P = self.loop.run(self.dht.replicate_p2p())
