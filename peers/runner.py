@@ -103,8 +103,12 @@ async def serve_peer(config: PeerConfig) -> None:
         ckpt = await loop.run_in_executor(None, lambda: open_checkpoint(config.model, blocks=range(start, end)))
         budget = CacheBudget(config.cache_tokens, config.max_sessions)
 
-        def record(state: str, throughput: float = 0.0) -> ServerRecord:
-            return ServerRecord(
+        throughput = 0.0
+        blocks = list(range(start, end))
+
+        async def announce(state: str) -> None:
+            """Sign and store this peer's record for every block it serves, in `state`."""
+            record = ServerRecord(
                 state=state,
                 start=start,
                 end=end,
@@ -116,11 +120,9 @@ async def serve_peer(config: PeerConfig) -> None:
                 version=VERSION,
                 public_name=config.public_name,
             )
+            await loop.run_in_executor(None, announce_blocks, dht, prefix, blocks, record, signer, config.record_ttl)
 
-        blocks = list(range(start, end))
-        await loop.run_in_executor(
-            None, announce_blocks, dht, prefix, blocks, record("joining"), signer, config.record_ttl
-        )
+        await announce("joining")
         span = await loop.run_in_executor(
             None, lambda: load_span(ckpt, start, end, dtype, config.quant, device, progress=True)
         )
@@ -159,9 +161,7 @@ async def serve_peer(config: PeerConfig) -> None:
         service = BlockService(span, limits, budget, config.session_idle_timeout, info)
         p2p = await dht.replicate_p2p()
         await service.start(p2p)
-        await loop.run_in_executor(
-            None, announce_blocks, dht, prefix, blocks, record("online", throughput), signer, config.record_ttl
-        )
+        await announce("online")
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         if config.ready_file:
             write_ready_file(
@@ -173,31 +173,13 @@ async def serve_peer(config: PeerConfig) -> None:
             try:
                 await asyncio.wait_for(stop.wait(), timeout=config.announce_period)
             except asyncio.TimeoutError:
-                await loop.run_in_executor(
-                    None,
-                    announce_blocks,
-                    dht,
-                    prefix,
-                    blocks,
-                    record("online", throughput),
-                    signer,
-                    config.record_ttl,
-                )
+                try:
+                    await announce("online")
+                except Exception as e:  # a DHT hiccup must not take the peer down; the next refresh retries
+                    logger.warning(f"refreshing the DHT records failed: {e!r}")
         logger.info("shutting down: announcing offline")
         try:
-            await asyncio.wait_for(
-                loop.run_in_executor(
-                    None,
-                    announce_blocks,
-                    dht,
-                    prefix,
-                    blocks,
-                    record("offline", throughput),
-                    signer,
-                    config.record_ttl,
-                ),
-                timeout=OFFLINE_ANNOUNCE_TIMEOUT,
-            )
+            await asyncio.wait_for(announce("offline"), timeout=OFFLINE_ANNOUNCE_TIMEOUT)
         except Exception as e:  # still shut down cleanly: the records expire on their own
             logger.warning(f"could not announce going offline: {e!r}")
     finally:

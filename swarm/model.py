@@ -187,8 +187,9 @@ class DistributedCausalLMMixin:
         """
         if kwargs.get("past_key_values") is not None:
             raise ValueError("past_key_values cannot be passed: the KV cache lives on the peers")
-        if kwargs.pop("attention_mask", None) is not None:
-            logger.debug("attention_mask ignored: unpadded inputs are required")
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None and not bool(mask.all()):
+            raise NotImplementedError("padding (attention_mask with zeros) is not supported yet")
         gen_config = copy.deepcopy(kwargs.get("generation_config") or self.generation_config)
         for key in ("num_beams", "num_return_sequences", "max_new_tokens", "max_length"):
             if key in kwargs:

@@ -14,7 +14,7 @@ from dht.node import start_dht_node
 from dht.records import check_prefix, make_validators
 from swarm.config import ClientConfig
 from swarm.routing import NoRouteError, RouteSpan, SwarmSnapshot, fewest_hops_route
-from swarm.transport import LoopThread, PeerError, call_forward
+from swarm.transport import LoopThread, call_forward
 
 logger = logging.getLogger(__name__)
 
@@ -82,5 +82,3 @@ class RemoteSequence:
         self.loop.stop()
         self.dht.shutdown()
 
-
-__all__ = ["RemoteSequence", "PeerError", "NoRouteError"]
