@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 from peers.config import ConfigError, DhtConfig, PeerConfig, load_config
+
+
+def _ignore_stop_signals() -> None:
+    """Shutdown is done once the event loop returns; a repeated Ctrl-C / SIGTERM must not turn exit 0 into a kill."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def peer_main(argv: list[str] | None = None) -> None:
@@ -19,6 +26,7 @@ def peer_main(argv: list[str] | None = None) -> None:
 
     setup_process(config, config.num_threads)
     asyncio.run(serve_peer(config))
+    _ignore_stop_signals()
 
 
 def dht_main(argv: list[str] | None = None) -> None:
@@ -36,3 +44,4 @@ def dht_main(argv: list[str] | None = None) -> None:
 
     setup_process(config)
     asyncio.run(serve_dht(config))
+    _ignore_stop_signals()

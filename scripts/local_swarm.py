@@ -127,9 +127,13 @@ class LocalSwarm:
             raise
         return self
 
-    def stop_peer(self, peer: PeerProcess, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+    def stop_peer(
+        self, peer: PeerProcess, sig: int = signal.SIGTERM, timeout: float = 20.0, signalled: bool = False
+    ) -> int | None:
+        """Signal the peer (unless `signalled` already) and wait for it; kill it if it does not exit in time."""
         if peer.process.poll() is None:
-            peer.process.send_signal(sig)
+            if not signalled:
+                peer.process.send_signal(sig)
             try:
                 peer.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -141,7 +145,7 @@ class LocalSwarm:
         for peer in self.peers:  # signal all first, so they shut down in parallel
             if peer.process.poll() is None:
                 peer.process.send_signal(signal.SIGTERM)
-        return [self.stop_peer(peer) for peer in self.peers]
+        return [self.stop_peer(peer, signalled=True) for peer in self.peers]
 
     def __enter__(self) -> LocalSwarm:
         return self.start()
