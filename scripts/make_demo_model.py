@@ -41,8 +41,9 @@ MARKER = "demo_model.json"
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 VOCAB_SIZE = 2048
 SEQ_LEN = 128
-BATCH_SIZE = 16
-PEAK_LR = 3e-3
+# Measured on 2 cores, at equal tokens: batch 8 beats 16 (more updates), and 2e-3 beats 3e-3..1e-2 by a little.
+BATCH_SIZE = 8
+PEAK_LR = 2e-3
 WARMUP_STEPS = 30
 MIN_LR_FRACTION = 0.1
 HELDOUT_EVERY = 20  # every 20th document is held out, to report a loss on text the model never trained on
@@ -240,6 +241,7 @@ def train_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
         eos_token=EOS,
         unk_token=UNK,
         pad_token=EOS,  # no dedicated pad token: padded positions are masked anyway
+        model_max_length=512,  # the model's max_position_embeddings
         clean_up_tokenization_spaces=False,  # the cleanup rewrites " ." etc. and would break the round trip
     )
 
@@ -248,16 +250,17 @@ def check_round_trip(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> Non
     samples = [*docs[:50], "Return the value of x  (tabs\tand ünïcödé) -> {'a': 1}\n"]
     for text in samples:
         ids = tokenizer(text)["input_ids"]
-        assert ids[0] == tokenizer.bos_token_id, "tokenizer must prepend <s>"
         back = tokenizer.decode(ids, skip_special_tokens=True)
-        assert back == text, f"tokenizer round trip failed: {text[:60]!r} -> {back[:60]!r}"
+        if ids[0] != tokenizer.bos_token_id or back != text:
+            raise RuntimeError(f"tokenizer round trip failed: {text[:60]!r} -> {ids[:5]}... -> {back[:60]!r}")
 
 
 def encode_stream(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> torch.Tensor:
     """One long token stream: <s> doc </s> <s> doc </s> ..., so windows also teach where documents start and end."""
     ids: list[int] = []
-    for doc_ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        ids += [tokenizer.bos_token_id, *doc_ids, tokenizer.eos_token_id]
+    # The backend tokenizer directly: the wrapper warns about documents longer than model_max_length.
+    for encoding in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False):
+        ids += [tokenizer.bos_token_id, *encoding.ids, tokenizer.eos_token_id]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="checkpoint directory to create (reused if already finished)")
     parser.add_argument("--seconds", type=float, default=120.0, help="wall-clock training budget")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batch order")
     args = parser.parse_args(argv)
     path = make_demo_model(args.out_dir, seconds=args.seconds, seed=args.seed)
     print(f"demo model: {path}")
