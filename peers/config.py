@@ -11,13 +11,12 @@ import argparse
 import dataclasses
 import json
 import os
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 DEFAULT_HOST_MADDRS = ["/ip4/0.0.0.0/tcp/0"]
 
@@ -67,6 +66,10 @@ class PeerConfig(DhtNodeConfig):
     session_idle_timeout: float = _opt("close a session idle for this many seconds", default=600.0)
     announce_period: float = _opt("seconds between DHT record refreshes", default=30.0)
     record_ttl: float = _opt("seconds a DHT record stays valid without refresh", default=90.0)
+    inline_compute_tokens: int = _opt(
+        "steps of at most this many tokens (batch x length) run on the network thread, larger ones on a compute thread",
+        default=16,
+    )
     num_threads: int = _opt("torch compute threads (0: all cores)", default=0)
 
     def validate(self) -> PeerConfig:
@@ -89,6 +92,8 @@ class PeerConfig(DhtNodeConfig):
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.inline_compute_tokens < 0 or self.num_threads < 0:
+            raise ConfigError("--inline-compute-tokens and --num-threads must be >= 0")
         for name in ("session_idle_timeout", "announce_period", "record_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")

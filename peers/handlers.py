@@ -47,9 +47,19 @@ ERROR_DRAIN_SECONDS = 2.0  # after an error, how long to read (and drop) what th
 class BlockService:
     """Serves one BlockSpan to clients through a hivemind P2P instance."""
 
-    def __init__(self, span: BlockSpan, limits: Limits, budget: CacheBudget, idle_timeout: float, info: dict[str, Any]):
+    def __init__(
+        self,
+        span: BlockSpan,
+        limits: Limits,
+        budget: CacheBudget,
+        idle_timeout: float,
+        info: dict[str, Any],
+        inline_compute_tokens: int = 0,
+    ):
         self.span, self.limits, self.budget = span, limits, budget
         self.idle_timeout = idle_timeout
+        self.inline_compute_tokens = inline_compute_tokens
+        self._compute_lock = asyncio.Lock()
         self.static_info = info
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.device = next(span.parameters()).device
@@ -96,8 +106,13 @@ class BlockService:
             return out.to("cpu", wire_dtype)
 
     async def _compute(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run, hidden, session, start, end)
+        async with self._compute_lock:  # one computation at a time, wherever it runs
+            if hidden.shape[0] * hidden.shape[1] <= self.inline_compute_tokens:
+                # A decode step takes about a millisecond: handing it to another thread and back costs two
+                # thread wake-ups, a large share of a step on a busy machine, for no gain.
+                return self._run(hidden, session, start, end)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self._run, hidden, session, start, end)
 
     # ---- handlers ----
 
@@ -185,7 +200,7 @@ class BlockService:
             self.stats["errors"] += 1
             logger.info(f"inference session from {peer} ended with an error: {e}")
             await _try_send_error(str(e), writer, reader)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.info(f"inference session from {peer} closed after {self.idle_timeout:.0f} s idle")
             await _try_send_error(f"session closed after {self.idle_timeout:.0f} s without requests", writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -202,10 +217,8 @@ class BlockService:
             writer.close()
 
     async def _receive(self, reader: asyncio.StreamReader) -> runtime_pb2.ExpertRequest | None:
-        return await asyncio.wait_for(
-            receive_message(reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes),
-            timeout=self.idle_timeout,
-        )
+        async with asyncio.timeout(self.idle_timeout):  # unlike wait_for, no extra task per step
+            return await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes)
 
 
 def _short(peer_id: PeerID) -> str:

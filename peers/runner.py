@@ -158,7 +158,7 @@ async def serve_peer(config: PeerConfig) -> None:
             public_name=config.public_name,
             weights=weights,
         )
-        service = BlockService(span, limits, budget, config.session_idle_timeout, info)
+        service = BlockService(span, limits, budget, config.session_idle_timeout, info, config.inline_compute_tokens)
         p2p = await dht.replicate_p2p()
         await service.start(p2p)
         await announce("online")
@@ -172,7 +172,7 @@ async def serve_peer(config: PeerConfig) -> None:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=config.announce_period)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 try:
                     await announce("online")
                 except Exception as e:  # a DHT hiccup must not take the peer down; the next refresh retries

@@ -49,7 +49,9 @@ def main() -> None:
             torch.manual_seed(args.seed)
             inputs = tokenizer(args.prompt, return_tensors="pt").input_ids
             began = time.perf_counter()
-            out = model.generate(inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer))
+            out = model.generate(
+                inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer, skip_special_tokens=True)
+            )
             elapsed = time.perf_counter() - began
             new_tokens = out.shape[1] - inputs.shape[1]
             print(f"\n[demo] {new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s)")

@@ -81,4 +81,3 @@ class RemoteSequence:
             logger.debug("p2p shutdown failed", exc_info=True)
         self.loop.stop()
         self.dht.shutdown()
-
