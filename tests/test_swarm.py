@@ -184,3 +184,13 @@ def test_sigterm_announces_offline_and_exits_zero(llama_ckpt, llama_swarm, llama
     assert mine and all(s.record.state == "offline" for s in mine)
     # the client keeps working through the remaining peers
     assert llama_client(prompt()).logits.shape == (1, 12, 512)
+
+
+def test_num_blocks_takes_the_least_covered_span(llama_swarm):
+    extra = llama_swarm.start_peer((0, 2), name="extra-0-2")  # blocks 0-1 now have two servers, 2-3 one
+    chooser = llama_swarm.start_peer(None, extra_args=["--num-blocks", "2"], name="chooser")
+    try:
+        assert chooser.info["blocks"] == [2, 4]
+    finally:
+        assert llama_swarm.stop_peer(chooser) == 0
+        assert llama_swarm.stop_peer(extra) == 0
