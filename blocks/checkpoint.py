@@ -64,6 +64,8 @@ def open_checkpoint(name_or_path: str | os.PathLike, *, blocks: Iterable[int] | 
         if path.exists() or str(name_or_path).startswith((".", "/", "~")):
             raise CheckpointError(f"{name_or_path} is not a checkpoint directory")
         path = _download_from_hub(str(name_or_path), ["*.json", "*.model", "*.txt"])
+        if not (path / INDEX_FILE).exists():  # an unsharded model: its one file is all there is
+            path = _download_from_hub(str(name_or_path), [SINGLE_FILE])
     config = AutoConfig.from_pretrained(path)
     family_of(config)  # fail early on unsupported architectures
     weight_map = _read_weight_map(path)
@@ -92,10 +94,12 @@ def block_of(tensor_name: str) -> int | None:
 
 
 def _names_for(weight_map: dict[str, str], blocks: Iterable[int] | None) -> list[str]:
+    # Old conversions store rotary inv_freq buffers; transformers recomputes them from the config, and so do we.
+    names = [name for name in weight_map if not name.endswith("rotary_emb.inv_freq")]
     if blocks is None:
-        return [name for name in weight_map if block_of(name) is None]
+        return [name for name in names if block_of(name) is None]
     wanted = set(blocks)
-    return [name for name in weight_map if block_of(name) in wanted]
+    return [name for name in names if block_of(name) in wanted]
 
 
 def _files_for(weight_map: dict[str, str], blocks: Iterable[int] | None) -> set[str]:

@@ -27,7 +27,6 @@ class ModelFamily:
     norm: type[nn.Module]
     pretrained_base: type  # the family's PreTrainedModel, for weight init and config handling
     causal_lm: type  # the family's local *ForCausalLM, used as the client's base class
-    layer_prefix: str = "model.layers."
 
 
 FAMILIES: dict[str, ModelFamily] = {

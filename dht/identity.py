@@ -6,8 +6,10 @@ whose ID is derived from K: no peer can announce blocks under another peer's ID.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,9 @@ class Identity:
 def load_or_create_identity(path: str | os.PathLike | None) -> Identity:
     """Load the identity at `path`, creating it there if missing; None: a fresh one in a private temp dir."""
     if path is None:
-        path = Path(tempfile.mkdtemp(prefix="blockswarm-id-")) / "identity.key"
+        tmp = tempfile.mkdtemp(prefix="blockswarm-id-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        path = Path(tmp) / "identity.key"
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

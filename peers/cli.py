@@ -6,6 +6,9 @@ import asyncio
 import signal
 import sys
 
+from blocks.checkpoint import CheckpointError
+from blocks.families import UnsupportedModelError
+from dht.records import InvalidPrefixError
 from peers.config import ConfigError, DhtConfig, PeerConfig, load_config
 
 
@@ -25,7 +28,10 @@ def peer_main(argv: list[str] | None = None) -> None:
     from peers.runner import serve_peer, setup_process
 
     setup_process(config, config.num_threads)
-    asyncio.run(serve_peer(config))
+    try:
+        asyncio.run(serve_peer(config))
+    except (ConfigError, CheckpointError, UnsupportedModelError, InvalidPrefixError) as e:
+        sys.exit(f"swarm-peer: error: {e}")
     _ignore_stop_signals()
 
 

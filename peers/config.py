@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_HOST_MADDRS = ["/ip4/0.0.0.0/tcp/0"]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,6 @@ class DhtNodeConfig:
     """Settings shared by every node that joins the swarm's DHT."""
 
     initial_peers: list[str] = _opt("multiaddrs of peers already in the swarm", default_factory=list)
-    new_swarm: bool = _opt("start a new swarm instead of joining one", default=False)
     host_maddrs: list[str] = _opt("multiaddrs to listen on", default_factory=lambda: list(DEFAULT_HOST_MADDRS))
     announce_maddrs: list[str] = _opt("multiaddrs to tell others (e.g. a public address)", default_factory=list)
     identity_path: str | None = _opt("private key file: a stable peer ID (created if missing)")
@@ -50,6 +50,7 @@ class PeerConfig(DhtNodeConfig):
     """A peer node serving a span of blocks."""
 
     model: str = _opt("checkpoint directory or hub id", default="", positional=True)
+    new_swarm: bool = _opt("start a new swarm instead of joining one", default=False)
     blocks: str | None = _opt("serve blocks A:B (end exclusive)")
     num_blocks: int | None = _opt("serve N blocks, choosing the span automatically")
     quant: str = _opt("weight quantization", default="none", choices=("none", "int8", "nf4"))
@@ -73,6 +74,8 @@ class PeerConfig(DhtNodeConfig):
     num_threads: int = _opt("torch compute threads (0: all cores)", default=0)
 
     def validate(self) -> PeerConfig:
+        _check_log_level(self.log_level)
+        _check_choices(self)
         if not self.model:
             raise ConfigError("MODEL is required")
         if self.blocks is not None and self.num_blocks is not None:
@@ -104,15 +107,29 @@ class PeerConfig(DhtNodeConfig):
 
 @dataclass
 class DhtConfig(DhtNodeConfig):
-    """A bootstrap node: joins or starts the DHT, serves no blocks."""
-
-    new_swarm: bool = _opt("start a new swarm instead of joining one (default when no --initial-peers)", default=False)
+    """A bootstrap node: joins the DHT through --initial-peers, or starts one without them; serves no blocks."""
 
     def validate(self) -> DhtConfig:
+        _check_log_level(self.log_level)
         return self
 
 
-def _check_join(config: DhtNodeConfig) -> None:
+def _check_log_level(level: str) -> None:
+    if level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+
+
+def _check_choices(config: Any) -> None:
+    """Choices hold for values from the environment and config files too, not only for flags."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise ConfigError(
+                f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(config, f.name)!r}"
+            )
+
+
+def _check_join(config: PeerConfig) -> None:
     if config.new_swarm and config.initial_peers:
         raise ConfigError("give either --new-swarm or --initial-peers, not both")
     if not config.new_swarm and not config.initial_peers:

@@ -31,6 +31,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 _HEADER_LEN = P2P.HEADER_LEN
+MAX_ERROR_CHARS = 2000  # of an error message from the other side shown in our exceptions
 
 
 class ProtocolError(ValueError):
@@ -142,7 +143,7 @@ async def receive_message(reader: asyncio.StreamReader, proto_type: type, *, max
         raise MessageTooLargeError(f"message of {length} bytes exceeds the limit of {max_bytes} bytes")
     payload = await reader.readexactly(length)
     if marker == P2P.ERROR_MARKER:
-        raise RemoteError(RPCError.FromString(payload).message)
+        raise RemoteError(RPCError.FromString(payload).message[:MAX_ERROR_CHARS])
     try:
         message = proto_type.FromString(payload)
     except Exception as e:

@@ -24,7 +24,7 @@ from dht.announce import announce_blocks, fetch_block_servers
 from dht.identity import load_or_create_identity
 from dht.node import start_dht_node
 from dht.records import ServerRecord, check_prefix, make_validators
-from peers.config import DhtConfig, DhtNodeConfig, PeerConfig, parse_span
+from peers.config import ConfigError, DhtConfig, DhtNodeConfig, PeerConfig, parse_span
 from peers.handlers import BlockService
 from peers.placement import choose_span, coverage
 from peers.sessions import CacheBudget
@@ -34,6 +34,12 @@ from peers.validation import Limits
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 OFFLINE_ANNOUNCE_TIMEOUT = 10.0  # seconds; a peer that cannot reach the DHT still exits promptly
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived while the peer was still starting."""
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,7 +76,7 @@ def pick_blocks(config: PeerConfig, dht: DHT, prefix: str, num_blocks: int) -> t
     if config.blocks is not None:
         start, end = parse_span(config.blocks)
         if end > num_blocks:
-            raise SystemExit(f"--blocks {config.blocks}: the model has only {num_blocks} blocks")
+            raise ConfigError(f"--blocks {config.blocks}: the model has only {num_blocks} blocks")
         return start, end
     length = config.num_blocks or num_blocks
     servers = fetch_block_servers(dht, prefix, range(num_blocks))
@@ -80,8 +86,9 @@ def pick_blocks(config: PeerConfig, dht: DHT, prefix: str, num_blocks: int) -> t
         for s in found
         if s.record.state != "offline"
     }
-    start, end = choose_span(num_blocks, length, coverage(num_blocks, [(a, b) for _, a, b in spans]))
-    logger.info(f"chose blocks {start}:{end} (coverage before: {coverage(num_blocks, [(a, b) for _, a, b in spans])})")
+    counts = coverage(num_blocks, [(a, b) for _, a, b in spans])
+    start, end = choose_span(num_blocks, length, counts)
+    logger.info(f"chose blocks {start}:{end} (servers per block before: {counts})")
     return start, end
 
 
@@ -89,16 +96,24 @@ async def serve_peer(config: PeerConfig) -> None:
     loop = asyncio.get_running_loop()
     device = _resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
-    ckpt = await loop.run_in_executor(None, open_checkpoint, config.model)
+    ckpt = await loop.run_in_executor(None, lambda: open_checkpoint(config.model, blocks=()))  # config only
     prefix = check_prefix(config.dht_prefix or model_name_of(config.model))
     identity = load_or_create_identity(config.identity_path)
     signer = RSASignatureValidator(identity.private_key)
     # Started from the main thread, before our signal handlers exist, so the DHT process inherits neither.
     dht = start_dht(config, str(identity.path), make_validators(prefix, ckpt.num_blocks, signer))
     stop = _install_stop_handlers(loop)
+
+    def check_stop(*_: Any) -> None:
+        if stop.is_set():
+            raise StopRequested
+
     service: BlockService | None = None
+    span = None
+    announced = False
     try:
         start, end = await loop.run_in_executor(None, pick_blocks, config, dht, prefix, ckpt.num_blocks)
+        check_stop()
         # Now that the span is known, make sure its shards are present (fetches only those from the hub).
         ckpt = await loop.run_in_executor(None, lambda: open_checkpoint(config.model, blocks=range(start, end)))
         budget = CacheBudget(config.cache_tokens, config.max_sessions)
@@ -106,7 +121,7 @@ async def serve_peer(config: PeerConfig) -> None:
         throughput = 0.0
         blocks = list(range(start, end))
 
-        async def announce(state: str) -> None:
+        async def announce(state: str, timeout: float = config.announce_period) -> None:
             """Sign and store this peer's record for every block it serves, in `state`."""
             record = ServerRecord(
                 state=state,
@@ -120,13 +135,17 @@ async def serve_peer(config: PeerConfig) -> None:
                 version=VERSION,
                 public_name=config.public_name,
             )
-            await loop.run_in_executor(None, announce_blocks, dht, prefix, blocks, record, signer, config.record_ttl)
+            await loop.run_in_executor(
+                None, announce_blocks, dht, prefix, blocks, record, signer, config.record_ttl, timeout
+            )
 
         await announce("joining")
+        announced = True
         span = await loop.run_in_executor(
-            None, lambda: load_span(ckpt, start, end, dtype, config.quant, device, progress=True)
+            None, lambda: load_span(ckpt, start, end, dtype, config.quant, device, progress=True, on_block=check_stop)
         )
         throughput = await loop.run_in_executor(None, measure_decode_throughput, span)
+        check_stop()
         weights = weight_bytes_report(span)
         logger.info(
             f"linear weights of blocks {start}:{end}: {weights['weight_bytes'] / 2**20:.2f} MiB "
@@ -177,15 +196,21 @@ async def serve_peer(config: PeerConfig) -> None:
                     await announce("online")
                 except Exception as e:  # a DHT hiccup must not take the peer down; the next refresh retries
                     logger.warning(f"refreshing the DHT records failed: {e!r}")
-        logger.info("shutting down: announcing offline")
-        try:
-            await asyncio.wait_for(announce("offline"), timeout=OFFLINE_ANNOUNCE_TIMEOUT)
-        except Exception as e:  # still shut down cleanly: the records expire on their own
-            logger.warning(f"could not announce going offline: {e!r}")
+    except StopRequested:
+        logger.info("stop requested during start-up")
     finally:
+        if announced:
+            logger.info("shutting down: announcing offline")
+            try:
+                await announce("offline", timeout=OFFLINE_ANNOUNCE_TIMEOUT)
+            except Exception as e:  # still shut down cleanly: the records expire on their own
+                logger.warning(f"could not announce going offline: {e!r}")
+        if config.ready_file and os.path.exists(config.ready_file):
+            os.remove(config.ready_file)  # a ready file means "serving now"
         if service is not None:
             await service.stop()
             service.span = None
+        span = None  # drop the last reference to the weights before collecting
         dht.shutdown()
         gc.collect()
         if torch.cuda.is_available():
@@ -196,7 +221,8 @@ async def serve_peer(config: PeerConfig) -> None:
 async def serve_dht(config: DhtConfig) -> None:
     loop = asyncio.get_running_loop()
     identity = load_or_create_identity(config.identity_path)
-    dht = start_dht(config, str(identity.path), None)
+    # Without the models' schemas a bootstrap node still refuses writes under another peer's signed subkey.
+    dht = start_dht(config, str(identity.path), [RSASignatureValidator(identity.private_key)])
     stop = _install_stop_handlers(loop)
     try:
         maddrs = [str(m) for m in dht.get_visible_maddrs()]

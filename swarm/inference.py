@@ -21,8 +21,8 @@ class SessionClosedError(RuntimeError):
 class InferenceSession:
     """Runs successive chunks of tokens through every block, keeping the caches on the peers.
 
-    `position` is the number of tokens already processed; a step may also rewind to an earlier position (the
-    peers crop their caches), which is how a generation continues after its last sampled token.
+    `position` is the number of tokens already processed; a step may also start at an earlier position (the peers
+    crop their caches to it). A failed step closes the session: its caches can no longer be trusted.
     """
 
     def __init__(self, sequence: RemoteSequence, max_length: int, batch: int = 1):
@@ -51,7 +51,14 @@ class InferenceSession:
 
     async def _open_all(self) -> None:
         cfg = self.sequence.config
-        await asyncio.gather(*(s.open(self.max_length, self.batch, cfg.connect_timeout) for s in self._streams))
+        results = await asyncio.gather(
+            *(s.open(self.max_length, self.batch, cfg.connect_timeout) for s in self._streams), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            # Close the streams that did open, so those peers release the cache they reserved for us now.
+            await self._close_all()
+            raise errors[0]
 
     def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Process hidden [batch, new_tokens, hidden_size] at `position` (default: the current end)."""
@@ -69,9 +76,13 @@ class InferenceSession:
             )
         chunk = self.sequence.config.max_prefill_tokens
         outputs = []
-        for offset in range(0, hidden.shape[1], chunk):
-            piece = hidden[:, offset : offset + chunk].to(self.sequence.config.wire_dtype)
-            outputs.append(self.sequence.loop.run(self._step_all(piece, position + offset)))
+        try:
+            for offset in range(0, hidden.shape[1], chunk):
+                piece = hidden[:, offset : offset + chunk].to(self.sequence.config.wire_dtype)
+                outputs.append(self.sequence.loop.run(self._step_all(piece, position + offset)))
+        except BaseException:
+            self.close()  # the peers' caches may disagree now (re-routing with replay comes with failover)
+            raise
         self.position = position + hidden.shape[1]
         return torch.cat(outputs, dim=1).to(hidden.dtype)
 

@@ -185,6 +185,8 @@ class DistributedCausalLMMixin:
         generation continues from there; the returned sequences include the session's earlier tokens, so two
         calls return the same as one longer call.
         """
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
         if kwargs.get("past_key_values") is not None:
             raise ValueError("past_key_values cannot be passed: the KV cache lives on the peers")
         mask = kwargs.pop("attention_mask", None)
@@ -219,13 +221,18 @@ class DistributedCausalLMMixin:
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor, *args: Any, **kwargs: Any):
         if inputs.ndim != 2:
             raise ValueError(f"input ids must be [batch, length], got shape {list(inputs.shape)}")
-        output = super().generate(
-            inputs,
-            *args,
-            past_key_values=RemoteCache(session),
-            attention_mask=torch.ones_like(inputs),
-            **kwargs,
-        )
+        try:
+            output = super().generate(
+                inputs,
+                *args,
+                past_key_values=RemoteCache(session),
+                attention_mask=torch.ones_like(inputs),
+                **kwargs,
+            )
+        except BaseException:
+            # The peers' caches may now hold tokens that token_ids lacks: continuing would be silently wrong.
+            session.close()
+            raise
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         session.token_ids = sequences
         return output

@@ -73,6 +73,7 @@ class InferenceStream:
     def __init__(self, p2p: P2P, peer_id: PeerID, uid: str, max_bytes: int, timeout: float):
         self.p2p, self.peer_id, self.uid = p2p, peer_id, uid
         self.max_bytes, self.timeout = max_bytes, timeout
+        self.max_numel = max_bytes // 2  # elements of the smallest wire dtype that fit in max_bytes
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -88,12 +89,19 @@ class InferenceStream:
             raise _as_peer_error(self.peer_id, e) from e
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        if self._writer is None:
+            raise PeerError(self.peer_id, "the session with this peer is closed")
         try:
             await send_message(make_request([hidden], {"position": position}), self._writer)
             response = await self._receive(self.timeout)
-            return _check_output(response, hidden, self.max_bytes)
-        except Exception as e:
-            raise _as_peer_error(self.peer_id, e) from e
+            return _check_output(response, hidden, self.max_numel)
+        except BaseException as e:
+            # After a timeout or a bad answer, a late or half-read reply could be taken for the next step's:
+            # this stream is never used again.
+            await self.close()
+            if isinstance(e, Exception):
+                raise _as_peer_error(self.peer_id, e) from e
+            raise
 
     async def _receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
         async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per step
@@ -124,7 +132,7 @@ async def call_forward(
         )
         if response is None:
             raise ConnectionError("the peer closed the stream without answering")
-        return _check_output(response, hidden, max_bytes)
+        return _check_output(response, hidden, max_bytes // 2)
     except Exception as e:
         raise _as_peer_error(peer_id, e) from e
     finally:
