@@ -9,10 +9,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import QuantState
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+
+class _DropOptionalKernelWarning(logging.Filter):
+    """bnb's CPU backend warns on import when the optional `kernels` package is absent. We leave it out on
+    purpose (it fetches kernel code from the hub at run time); bnb then uses its own CPU path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelWarning())
+
+import bitsandbytes as bnb  # noqa: E402 (after the filter above)
+from bitsandbytes.functional import QuantState  # noqa: E402
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear  # noqa: E402
 
 QUANT_MODES = ("none", "int8", "nf4")
 

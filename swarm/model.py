@@ -138,7 +138,8 @@ class DistributedCausalLMMixin:
         prefix = client_config.dht_prefix or model_name_of(str(model_name_or_path))
         sequence = RemoteSequence(client_config, prefix, config.num_hidden_layers, config.hidden_size)
         try:
-            model = cls(config, sequence)
+            with torch.device("meta"):  # no throwaway random init of (possibly huge) embeddings and LM head
+                model = cls(config, sequence)
             model._load_client_state(ckpt, dtype)
         except BaseException:
             sequence.shutdown()
@@ -149,13 +150,16 @@ class DistributedCausalLMMixin:
 
     def _load_client_state(self, ckpt, dtype: torch.dtype) -> None:
         state = read_client_state(ckpt, dtype)
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
         if getattr(self.config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
             missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
             raise ValueError(f"client weights do not match the model: missing {missing}, unexpected {unexpected}")
         self.to(dtype)
+        on_meta = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if on_meta:
+            raise ValueError(f"the checkpoint left these client tensors unset: {on_meta}")
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:

@@ -194,3 +194,23 @@ def test_num_blocks_takes_the_least_covered_span(llama_swarm):
     finally:
         assert llama_swarm.stop_peer(chooser) == 0
         assert llama_swarm.stop_peer(extra) == 0
+
+
+def test_tied_embeddings_checkpoint_matches_local(tmp_path, local_model):
+    # Llama 3.2 1B, Qwen2 0.5B and others tie the LM head to the embeddings: the checkpoint has no lm_head.weight.
+    from model_tools import make_random_checkpoint
+
+    ckpt = make_random_checkpoint(tmp_path / "tiny-tied", "qwen2", seed=3, tie_word_embeddings=True)
+    swarm = start_swarm(ckpt, peers=1, spans=[(0, 4)])
+    model = None
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(ckpt, initial_peers=swarm.initial_peers)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        ids = prompt(batch=2, length=9, seed=12)
+        with torch.no_grad():
+            remote, local = model(ids).logits, local_model(ckpt)(ids).logits
+        assert torch.allclose(remote, local, atol=1e-4, rtol=0), (remote - local).abs().max()
+    finally:
+        if model is not None:
+            model.shutdown()
+        swarm.stop_checked()
