@@ -18,10 +18,11 @@ from dht.records import BlockServer
 class NoRouteError(RuntimeError):
     """Some blocks have no usable server."""
 
-    def __init__(self, uncovered: list[int], prefix: str = ""):
-        self.uncovered = uncovered
+    def __init__(self, uncovered: list[int], prefix: str = "", min_length: int | None = None):
+        self.uncovered, self.prefix, self.min_length = uncovered, prefix, min_length
         where = f" of {prefix}" if prefix else ""
-        super().__init__(f"no online peer serves block(s) {_ranges(uncovered)}{where}")
+        why = f" with max_length >= {min_length} (some serve them with a shorter limit)" if min_length else ""
+        super().__init__(f"no online peer serves block(s) {_ranges(uncovered)}{where}{why}")
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,9 @@ def fewest_hops_route(
     while position < end:
         candidates = [p for p in usable if p.start <= position < p.end]
         if not candidates:
-            raise NoRouteError(snapshot.uncovered(start, end, exclude, min_length) or [position])
+            uncovered = snapshot.uncovered(start, end, exclude, min_length) or [position]
+            too_short = not set(uncovered).issubset(snapshot.uncovered(start, end, exclude))
+            raise NoRouteError(uncovered, min_length=min_length if too_short else None)
         best = max(candidates, key=lambda p: (min(p.end, end), p.throughput, p.peer_id.to_bytes()))
         route.append(RouteSpan(best.peer_id, position, min(best.end, end)))
         position = min(best.end, end)

@@ -56,7 +56,7 @@ class RemoteSequence:
                 return route
             except NoRouteError as e:
                 if time.monotonic() > deadline:
-                    raise NoRouteError(e.uncovered, self.prefix) from None
+                    raise NoRouteError(e.uncovered, self.prefix, e.min_length) from None
                 time.sleep(0.5)
                 refresh = True
 

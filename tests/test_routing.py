@@ -114,6 +114,7 @@ def test_exclude():
         fewest_hops_route(snap, 0, 8, exclude=[A, C])
     assert info.value.uncovered == [4, 5, 6, 7]
     assert "4-7" in str(info.value)
+    assert "max_length" not in str(info.value)
 
 
 def test_min_length():
@@ -128,11 +129,12 @@ def test_min_length_reports_the_blocks_it_leaves_uncovered():
         fewest_hops_route(snap, 0, 8, min_length=100)
     assert info.value.uncovered == [4, 5, 6, 7]
     assert "4-7" in str(info.value)
+    assert "with max_length >= 100" in str(info.value), "the error must say the blocks are served, but too short"
 
 
 def test_no_route_lists_exact_uncovered_blocks():
     snap = snapshot(10, (A, 0, 2), (B, 4, 5), (C, 8, 9))
-    with pytest.raises(NoRouteError) as info:
+    with pytest.raises(NoRouteError, match=r"serves block\(s\) 2-3, 5-7, 9$") as info:
         fewest_hops_route(snap, 0, 10)
     assert info.value.uncovered == [2, 3, 5, 6, 7, 9]
     message = str(info.value)
