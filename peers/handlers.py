@@ -1,8 +1,8 @@
 """The peer's RPC handlers: a bidirectional inference stream per session, a whole-sequence forward, an info call.
 
-Compute runs on one dedicated thread (torch uses all its threads inside each call), so the event loop keeps
-reading requests and answering info calls while a step runs, and steps of concurrent sessions never interleave
-inside torch. Each session owns its cache; nothing is shared between sessions but the weights.
+One computation runs at a time. Small steps (decoding) run right on the event loop, where a thread hand-off would
+cost more than the step; larger ones run on a dedicated compute thread so the loop keeps reading requests and
+answering info calls meanwhile. Each session owns its cache; nothing is shared between sessions but the weights.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from peers.protocol import (
     send_error,
     send_message,
 )
-from peers.sessions import CacheBudget, InferenceSession
+from peers.sessions import CacheBudget, PeerSession
 from peers.validation import Limits, check_forward_size, check_hidden, parse_span_uid
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ class BlockService:
         self.static_info = info
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.device = next(span.parameters()).device
-        self.sessions: dict[int, InferenceSession] = {}
         self.stats = {
             "inference_steps": 0,
             "forward_calls": 0,
@@ -83,18 +82,20 @@ class BlockService:
         if self._p2p is not None:
             for name in (INFERENCE_HANDLER, FORWARD_HANDLER):
                 await self._p2p.remove_binary_stream_handler(name)
+            await self._p2p.remove_protobuf_handler(INFO_HANDLER)
+            await self._p2p.shutdown()  # a replica: closes our connection to the daemon, not the daemon
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     # ---- compute (runs on the compute thread) ----
 
-    def _run(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int) -> torch.Tensor:
+    def _run(self, hidden: torch.Tensor, session: PeerSession | None, start: int, end: int) -> torch.Tensor:
         began = time.perf_counter()
         try:
             return self._run_blocks(hidden, session, start, end)
         finally:
             self.stats["compute_seconds"] += time.perf_counter() - began
 
-    def _run_blocks(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int):
+    def _run_blocks(self, hidden: torch.Tensor, session: PeerSession | None, start: int, end: int):
         wire_dtype = hidden.dtype
         with torch.inference_mode():
             x = hidden.to(self.device, self.span.dtype)
@@ -105,7 +106,7 @@ class BlockService:
                 session.position += hidden.shape[1]
             return out.to("cpu", wire_dtype)
 
-    async def _compute(self, hidden: torch.Tensor, session: InferenceSession | None, start: int, end: int):
+    async def _compute(self, hidden: torch.Tensor, session: PeerSession | None, start: int, end: int):
         async with self._compute_lock:  # one computation at a time, wherever it runs
             if hidden.shape[0] * hidden.shape[1] <= self.inline_compute_tokens:
                 # A decode step takes about a millisecond: handing it to another thread and back costs two
@@ -166,7 +167,7 @@ class BlockService:
         """Session protocol: an opening request (uid 'start:end', metadata max_length and batch) answered with an
         empty response, then one request per step (hidden states, metadata position) answered with the outputs.
         The session ends when the client closes the stream, on an error, or after idle_timeout seconds."""
-        session: InferenceSession | None = None
+        session: PeerSession | None = None
         peer = _short(stream_info.peer_id)
         try:
             opening = await self._receive(reader)
@@ -177,8 +178,7 @@ class BlockService:
             max_length = get_int(meta, "max_length", low=1, high=self.limits.max_length)
             batch = get_int(meta, "batch", low=1, high=self.limits.max_batch)
             self.budget.reserve(batch * max_length)
-            session = InferenceSession(start, end, batch, max_length, self.span.new_cache())
-            self.sessions[session.session_id] = session
+            session = PeerSession(start, end, batch, max_length, self.span.new_cache())
             logger.debug(
                 f"session {session.session_id} from {peer}: blocks {start}:{end}, "
                 f"batch {batch}, max_length {max_length}"
@@ -211,7 +211,6 @@ class BlockService:
             await _try_send_error(f"internal error: {type(e).__name__}: {e}", writer)
         finally:
             if session is not None:
-                self.sessions.pop(session.session_id, None)
                 self.budget.release(session.reserved_tokens)
                 session.cache = None  # free the KV cache now, not when the handler's frame is collected
             writer.close()

@@ -60,7 +60,7 @@ _session_ids = itertools.count()
 
 
 @dataclass
-class InferenceSession:
+class PeerSession:
     """One client's generation state on this peer: blocks [start, end), its own cache, its position."""
 
     start: int
@@ -87,6 +87,9 @@ class InferenceSession:
         if position < self.position:
             # A negative argument removes that many tokens (transformers 5 rejects a positive target length, and
             # crop(0) would be a no-op there).
-            self.cache.crop(position - self.position)
+            try:
+                self.cache.crop(position - self.position)
+            except (RuntimeError, ValueError) as e:  # e.g. a sliding-window layer that already dropped those tokens
+                raise ProtocolError(f"cannot rewind this session from {self.position} to {position} tokens: {e}") from e
             self.position = position
         self.last_active = time.monotonic()

@@ -32,7 +32,7 @@ from peers.protocol import (
     send_error,
     send_message,
 )
-from peers.sessions import CacheBudget, CacheFullError, InferenceSession, TooManySessionsError
+from peers.sessions import CacheBudget, CacheFullError, PeerSession, TooManySessionsError
 from peers.validation import check_forward_size, check_hidden, check_span, parse_span_uid
 
 
@@ -424,7 +424,7 @@ def tiny_span() -> BlockSpan:
     return BlockSpan(config, 0, 2, layers).eval()
 
 
-def _step(span: BlockSpan, session: InferenceSession, position: int, hidden: torch.Tensor) -> torch.Tensor:
+def _step(span: BlockSpan, session: PeerSession, position: int, hidden: torch.Tensor) -> torch.Tensor:
     """What the peer's inference handler does for one step."""
     session.prepare_step(position, hidden.shape[1])
     with torch.no_grad():
@@ -434,7 +434,7 @@ def _step(span: BlockSpan, session: InferenceSession, position: int, hidden: tor
 
 
 def test_session_rejects_position_ahead_and_over_max_length(tiny_span):
-    session = InferenceSession(0, 2, batch=1, max_length=16, cache=tiny_span.new_cache())
+    session = PeerSession(0, 2, batch=1, max_length=16, cache=tiny_span.new_cache())
     _step(tiny_span, session, 0, torch.randn(1, 6, 32))
     with pytest.raises(ProtocolError, match="holds only 6 tokens"):
         session.prepare_step(7, 1)
@@ -451,7 +451,7 @@ def test_session_rejects_position_ahead_and_over_max_length(tiny_span):
 def test_session_rewind_crops_cache(tiny_span, rewind_to):
     torch.manual_seed(1)
     prompt, replacement = torch.randn(1, 6, 32), torch.randn(1, 3, 32)
-    session = InferenceSession(0, 2, batch=1, max_length=16, cache=tiny_span.new_cache())
+    session = PeerSession(0, 2, batch=1, max_length=16, cache=tiny_span.new_cache())
     _step(tiny_span, session, 0, prompt)
     assert session.cache.get_seq_length() == 6
 
@@ -471,7 +471,7 @@ def test_session_rewind_on_plain_dynamic_cache():
     cache = DynamicCache()
     for layer in range(2):
         cache.update(torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8), layer)
-    session = InferenceSession(0, 2, batch=1, max_length=32, cache=cache, position=7)
+    session = PeerSession(0, 2, batch=1, max_length=32, cache=cache, position=7)
     session.prepare_step(3, 1)
     assert session.position == 3
     assert cache.get_seq_length() == 3
@@ -481,7 +481,7 @@ def test_session_rewind_on_plain_dynamic_cache():
 
 
 def test_session_reserved_tokens():
-    session = InferenceSession(0, 1, batch=3, max_length=20, cache=DynamicCache())
+    session = PeerSession(0, 1, batch=3, max_length=20, cache=DynamicCache())
     assert session.reserved_tokens == 60
-    other = InferenceSession(0, 1, batch=1, max_length=20, cache=DynamicCache())
+    other = PeerSession(0, 1, batch=1, max_length=20, cache=DynamicCache())
     assert other.session_id != session.session_id
