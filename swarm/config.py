@@ -18,6 +18,10 @@ class ClientConfig:
     max_message_bytes: int = 256 * 1024**2  # refuse larger answers from a peer
     max_prefill_tokens: int = 512  # a longer prompt is sent to a session in chunks of this many tokens
     snapshot_ttl: float = 10.0  # seconds a view of the swarm is reused before asking the DHT again
+    ban_seconds: float = 2.0  # a peer that failed is avoided this long, doubling with each failure in a row
+    max_ban_seconds: float = 120.0
+    max_failovers: int = 4  # replacements of failed peers within one step before the step fails
+    failover_timeout: float = 5.0  # seconds to find a replacement for a failed peer's blocks
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
 
     def __post_init__(self) -> None:

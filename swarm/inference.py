@@ -9,7 +9,7 @@ import torch
 
 from swarm.routing import RouteSpan
 from swarm.sequence import RemoteSequence
-from swarm.transport import InferenceStream
+from swarm.transport import InferenceStream, PeerError
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ class InferenceSession:
     """Runs successive chunks of tokens through every block, keeping the caches on the peers.
 
     `position` is the number of tokens already processed; a step may also start at an earlier position (the peers
-    crop their caches to it). A failed step closes the session: its caches can no longer be trusted.
+    crop their caches to it). The session remembers what it sent to each span; if a peer fails mid-session, its
+    blocks are re-routed to other peers and they are sent that history first, so their caches match and the
+    generation continues with exactly the same results.
     """
 
     def __init__(self, sequence: RemoteSequence, max_length: int, batch: int = 1):
@@ -32,32 +34,35 @@ class InferenceSession:
         self.position = 0
         self.route: list[RouteSpan] = []
         self._streams: list[InferenceStream] = []
+        self._history: list[torch.Tensor | None] = []  # per stream: every input it received, [batch, tokens, hidden]
         self._closed = False
+        self.failovers = 0
         self.token_ids: torch.Tensor | None = None  # tokens of the session so far (set by the model)
+
+    def _new_stream(self, span: RouteSpan) -> InferenceStream:
+        cfg = self.sequence.config
+        return InferenceStream(self.sequence.p2p, span.peer_id, span.uid, cfg.max_message_bytes, cfg.request_timeout)
 
     def open(self) -> InferenceSession:
         self.route = self.sequence.make_route(min_length=self.max_length)
-        cfg = self.sequence.config
-        self._streams = [
-            InferenceStream(self.sequence.p2p, span.peer_id, span.uid, cfg.max_message_bytes, cfg.request_timeout)
-            for span in self.route
-        ]
+        self._streams = [self._new_stream(span) for span in self.route]
+        self._history = [None] * len(self._streams)
         try:
-            self.sequence.loop.run(self._open_all())
+            self.sequence.loop.run(self._open_all(self._streams))
         except BaseException:
             self.close()
             raise
         return self
 
-    async def _open_all(self) -> None:
+    async def _open_all(self, streams: list[InferenceStream]) -> None:
         cfg = self.sequence.config
         results = await asyncio.gather(
-            *(s.open(self.max_length, self.batch, cfg.connect_timeout) for s in self._streams), return_exceptions=True
+            *(s.open(self.max_length, self.batch, cfg.connect_timeout) for s in streams), return_exceptions=True
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             # Close the streams that did open, so those peers release the cache they reserved for us now.
-            await self._close_all()
+            await asyncio.gather(*(s.close() for s in streams))
             raise errors[0]
 
     def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
@@ -81,15 +86,70 @@ class InferenceSession:
                 piece = hidden[:, offset : offset + chunk].to(self.sequence.config.wire_dtype)
                 outputs.append(self.sequence.loop.run(self._step_all(piece, position + offset)))
         except BaseException:
-            self.close()  # the peers' caches may disagree now (re-routing with replay comes with failover)
+            self.close()  # failover gave up: the caches can no longer be trusted
             raise
         self.position = position + hidden.shape[1]
         return torch.cat(outputs, dim=1).to(hidden.dtype)
 
     async def _step_all(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        for stream in self._streams:
-            hidden = await stream.step(hidden, position)
+        failures = 0
+        i = 0
+        while i < len(self._streams):
+            try:
+                output = await self._streams[i].step(hidden, position)
+            except PeerError as e:
+                error = e
+                while True:  # a replacement may fail too, even while replaying
+                    failures += 1
+                    if failures > self.sequence.config.max_failovers:
+                        raise error from None
+                    try:
+                        await self._replace(i, error, position)
+                        break
+                    except PeerError as replacement_error:
+                        error = replacement_error
+                continue  # the same input, now to the replacement
+            self._remember(i, hidden, position)
+            hidden = output
+            i += 1
         return hidden
+
+    def _remember(self, i: int, hidden: torch.Tensor, position: int) -> None:
+        past = self._history[i]
+        self._history[i] = hidden if past is None or position == 0 else torch.cat([past[:, :position], hidden], 1)
+
+    async def _replace(self, i: int, error: PeerError, position: int) -> None:
+        """Route the failed span's blocks to other peers and replay the span's history through them."""
+        failed = self.route[i]
+        logger.warning(f"blocks {failed.uid} failed at position {position} ({error}); re-routing")
+        self.sequence.ban(error.peer_id)
+        await self._streams[i].close()
+        loop = asyncio.get_running_loop()
+        cfg = self.sequence.config
+        route = await loop.run_in_executor(
+            None,
+            lambda: self.sequence.make_route(
+                min_length=self.max_length, start=failed.start, end=failed.end, timeout=cfg.failover_timeout
+            ),
+        )
+        streams = [self._new_stream(span) for span in route]
+        await self._open_all(streams)
+        history: list[torch.Tensor | None] = [None] * len(streams)
+        past = self._history[i]
+        if past is not None and position > 0:
+            replay = past[:, :position]
+            for j, stream in enumerate(streams):
+                history[j] = replay
+                outputs = []
+                for offset in range(0, position, cfg.max_prefill_tokens):
+                    piece = replay[:, offset : offset + cfg.max_prefill_tokens]
+                    outputs.append(await stream.step(piece, offset))
+                replay = torch.cat(outputs, dim=1)
+        self.route[i : i + 1] = route
+        self._streams[i : i + 1] = streams
+        self._history[i : i + 1] = history
+        self.failovers += 1
+        logger.info(f"blocks {failed.uid} now served by {[s.uid + '@' + str(s.peer_id)[-6:] for s in route]}")
 
     def close(self) -> None:
         if self._closed:

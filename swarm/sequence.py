@@ -7,14 +7,14 @@ import time
 
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 from dht.announce import fetch_block_servers
 from dht.node import start_dht_node
 from dht.records import check_prefix, make_validators
 from swarm.config import ClientConfig
 from swarm.routing import NoRouteError, RouteSpan, SwarmSnapshot, fewest_hops_route
-from swarm.transport import LoopThread, call_forward
+from swarm.transport import LoopThread, PeerError, call_forward
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class RemoteSequence:
         self.p2p: P2P = self.loop.run(self.dht.replicate_p2p())
         self._snapshot: SwarmSnapshot | None = None
         self._snapshot_time = 0.0
+        self._failures: dict[PeerID, int] = {}
+        self._banned_until: dict[PeerID, float] = {}
 
     # ---- discovery ----
 
@@ -45,13 +47,34 @@ class RemoteSequence:
             self._snapshot_time = time.monotonic()
         return self._snapshot
 
-    def make_route(self, min_length: int = 1) -> list[RouteSpan]:
-        """A route over all blocks; waits up to discovery_timeout for the swarm to cover every block."""
-        deadline = time.monotonic() + self.config.discovery_timeout
+    # ---- peers that failed ----
+
+    def ban(self, peer_id: PeerID) -> float:
+        """Avoid a peer that failed, for a backoff that doubles with each failure in a row; returns its length."""
+        failures = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = failures
+        backoff = min(self.config.ban_seconds * 2 ** (failures - 1), self.config.max_ban_seconds)
+        self._banned_until[peer_id] = time.monotonic() + backoff
+        logger.info(f"avoiding peer {peer_id} for {backoff:.0f} s after {failures} failure(s) in a row")
+        return backoff
+
+    def banned(self) -> set[PeerID]:
+        now = time.monotonic()
+        return {peer for peer, until in self._banned_until.items() if until > now}
+
+    def make_route(
+        self, min_length: int = 1, start: int = 0, end: int | None = None, timeout: float | None = None
+    ) -> list[RouteSpan]:
+        """A route over blocks [start, end) avoiding banned peers; waits up to `timeout` (default: the discovery
+        timeout) for the swarm to cover them."""
+        end = self.num_blocks if end is None else end
+        deadline = time.monotonic() + (self.config.discovery_timeout if timeout is None else timeout)
         refresh = False
         while True:
             try:
-                route = fewest_hops_route(self.snapshot(refresh=refresh), 0, self.num_blocks, min_length=min_length)
+                route = fewest_hops_route(
+                    self.snapshot(refresh=refresh), start, end, exclude=self.banned(), min_length=min_length
+                )
                 logger.debug(f"route: {[(str(s.peer_id)[-6:], s.uid) for s in route]}")
                 return route
             except NoRouteError as e:
@@ -63,15 +86,31 @@ class RemoteSequence:
     # ---- whole-sequence forward ----
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run all blocks on hidden [batch, seq, hidden_size] (no cache)."""
-        route = self.make_route(min_length=hidden.shape[1])
+        """Run all blocks on hidden [batch, seq, hidden_size] (no cache); a failed peer's span is re-run elsewhere."""
         wire = hidden.to(self.config.wire_dtype)
-        for span in route:
-            wire = self.loop.run(
-                call_forward(
-                    self.p2p, span.peer_id, span.uid, wire, self.config.max_message_bytes, self.config.request_timeout
+        block, failures = 0, 0
+        while block < self.num_blocks:
+            timeout = None if failures == 0 else self.config.failover_timeout
+            span = self.make_route(min_length=hidden.shape[1], start=block, timeout=timeout)[0]
+            try:
+                wire = self.loop.run(
+                    call_forward(
+                        self.p2p,
+                        span.peer_id,
+                        span.uid,
+                        wire,
+                        self.config.max_message_bytes,
+                        self.config.request_timeout,
+                    )
                 )
-            )
+            except PeerError as e:
+                failures += 1
+                if failures > self.config.max_failovers:
+                    raise
+                logger.warning(f"forward through blocks {span.uid} failed ({e}); trying another peer")
+                self.ban(span.peer_id)
+                continue
+            block = span.end
         return wire.to(hidden.dtype)
 
     def shutdown(self) -> None:

@@ -1,0 +1,80 @@
+"""A peer killed mid-session (kill -9) is replaced by a replica; the results are exactly those of a run without it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import start_swarm
+from transformers.generation.streamers import BaseStreamer
+
+from swarm import AutoDistributedModelForCausalLM, NoRouteError
+
+
+@pytest.fixture(scope="module")
+def replicated(llama_ckpt):
+    """Blocks 0-1 on one peer; blocks 2-3 on three peers, so two can die."""
+    swarm = start_swarm(llama_ckpt, peers=4, spans=[(0, 2), (2, 4), (2, 4), (2, 4)])
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        llama_ckpt, initial_peers=swarm.initial_peers, failover_timeout=5.0
+    )
+    yield swarm, model
+    model.shutdown()
+    swarm.stop()  # some peers were killed on purpose: their exit codes are not checked
+
+
+def kill_serving(swarm, peer_id) -> None:
+    [peer] = [p for p in swarm.peers if p.info["peer_id"] == peer_id.to_base58()]
+    peer.process.kill()
+    peer.process.wait(10)
+
+
+def test_peer_killed_mid_generation_gives_identical_tokens(replicated, llama_ckpt, local_model):
+    swarm, model = replicated
+
+    class KillAt(BaseStreamer):
+        """Kills the peer serving blocks 2-3 once `at` tokens are out; records the session's failovers."""
+
+        def __init__(self, at: int):
+            self.count, self.at, self.session = 0, at, None
+
+        def put(self, value):
+            self.count += 1
+            if self.count == self.at:
+                self.session = model.active_session
+                kill_serving(swarm, self.session.route[-1].peer_id)
+
+        def end(self):
+            pass
+
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(30))
+    expected = local_model(llama_ckpt).generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    streamer = KillAt(at=16)
+    out = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, streamer=streamer)
+    assert streamer.session is not None and streamer.session.failovers == 1
+    assert torch.equal(out, expected)
+
+
+def test_whole_sequence_forward_survives_a_dead_peer(replicated, llama_ckpt, local_model):
+    swarm, model = replicated
+    sequence = model.model.sequence
+    route = sequence.make_route()
+    kill_serving(swarm, route[-1].peer_id)  # the DHT still lists it as online: the client must notice and move on
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(31))
+    with torch.no_grad():
+        remote, local = model(ids).logits, local_model(llama_ckpt)(ids).logits
+    assert torch.allclose(remote, local, atol=1e-4, rtol=0)
+    assert route[-1].peer_id in sequence.banned()
+
+
+def test_losing_the_only_holder_fails_clearly_and_quickly(replicated):
+    swarm, model = replicated
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(32))
+    with model.inference_session(max_length=32) as session:
+        model.generate(ids, max_new_tokens=2)
+        kill_serving(swarm, session.route[0].peer_id)  # blocks 0-1 have no replica
+        began = time.monotonic()
+        with pytest.raises(NoRouteError, match=r"block\(s\) 0-1"):
+            model.generate(None, max_new_tokens=2)
+        assert time.monotonic() - began < 20
