@@ -34,7 +34,8 @@ class InferenceSession:
         self.position = 0
         self.route: list[RouteSpan] = []
         self._streams: list[InferenceStream] = []
-        self._history: list[torch.Tensor | None] = []  # per stream: every input it received, [batch, tokens, hidden]
+        # per stream: every input it received, [batch, max_length, hidden] (valid up to `position`)
+        self._history: list[torch.Tensor | None] = []
         self._closed = False
         self.failovers = 0
         self.token_ids: torch.Tensor | None = None  # tokens of the session so far (set by the model)
@@ -115,8 +116,10 @@ class InferenceSession:
         return hidden
 
     def _remember(self, i: int, hidden: torch.Tensor, position: int) -> None:
-        past = self._history[i]
-        self._history[i] = hidden if past is None or position == 0 else torch.cat([past[:, :position], hidden], 1)
+        # One buffer of max_length tokens per stream, written in place: no per-token copy of the whole history.
+        if self._history[i] is None:
+            self._history[i] = hidden.new_empty(self.batch, self.max_length, hidden.shape[2])
+        self._history[i][:, position : position + hidden.shape[1]] = hidden
 
     async def _replace(self, i: int, error: PeerError, position: int) -> None:
         """Route the failed span's blocks to other peers and replay the span's history through them."""
@@ -139,7 +142,8 @@ class InferenceSession:
         if past is not None and position > 0:
             replay = past[:, :position]
             for j, stream in enumerate(streams):
-                history[j] = replay
+                history[j] = past.new_empty(past.shape)
+                history[j][:, :position] = replay
                 outputs = []
                 for offset in range(0, position, cfg.max_prefill_tokens):
                     piece = replay[:, offset : offset + cfg.max_prefill_tokens]
