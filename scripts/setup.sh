@@ -19,6 +19,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing blockswarm and its dependencies"
 "${PIP[@]}" install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import blocks, dht, peers, swarm, hivemind, transformers, bitsandbytes, pytest" \
+.venv/bin/python -c "import blocks.quantization, dht, peers, swarm, hivemind, transformers, pytest" \
     || { echo "[setup] installation is incomplete"; exit 1; }
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers, hivemind; print(f"torch {torch.__version__}, transformers {transformers.__version__}, hivemind {hivemind.__version__}")')"
