@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from hivemind.p2p import PeerID
 
 
 @dataclass
@@ -18,6 +19,8 @@ class ClientConfig:
     max_message_bytes: int = 256 * 1024**2  # refuse larger answers from a peer
     max_prefill_tokens: int = 512  # a longer prompt is sent to a session in chunks of this many tokens
     snapshot_ttl: float = 10.0  # seconds a view of the swarm is reused before asking the DHT again
+    allowed_peers: list[str] | None = None  # peer IDs (base58) the client may route through; None: any peer
+    blocked_peers: list[str] = field(default_factory=list)  # peer IDs never used, e.g. ones you do not trust
     ban_seconds: float = 2.0  # a peer that failed is avoided this long, doubling with each failure in a row
     max_ban_seconds: float = 120.0
     max_failovers: int = 4  # replacements of failed peers within one step before the step fails
@@ -30,5 +33,10 @@ class ClientConfig:
         for name in ("connect_timeout", "request_timeout", "discovery_timeout", "snapshot_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        for peer in [*(self.allowed_peers or []), *self.blocked_peers]:
+            try:
+                PeerID.from_base58(peer)
+            except Exception:
+                raise ValueError(f"{peer!r} is not a peer ID (base58, as in the peer's /p2p/ multiaddr)") from None
         if self.max_prefill_tokens < 1 or self.max_message_bytes < 1:
             raise ValueError("max_prefill_tokens and max_message_bytes must be >= 1")

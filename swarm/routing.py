@@ -105,6 +105,20 @@ def _ranges(blocks: Iterable[int]) -> str:
     return ", ".join(parts)
 
 
+def excluded_peers(
+    snapshot: SwarmSnapshot,
+    allowed: Collection[PeerID] | None = None,
+    blocked: Collection[PeerID] = (),
+    banned: Collection[PeerID] = (),
+) -> set[PeerID]:
+    """Peers a route must avoid: blocked or banned ones, and with an allow-list, everyone not on it."""
+    excluded = set(blocked) | set(banned)
+    if allowed is not None:
+        allowed = set(allowed)
+        excluded |= {peer for peer in snapshot.peers if peer not in allowed}
+    return excluded
+
+
 def fewest_hops_route(
     snapshot: SwarmSnapshot,
     start: int,

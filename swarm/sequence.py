@@ -13,7 +13,7 @@ from dht.announce import fetch_block_servers
 from dht.node import start_dht_node
 from dht.records import check_prefix, make_validators
 from swarm.config import ClientConfig
-from swarm.routing import NoRouteError, RouteSpan, SwarmSnapshot, fewest_hops_route
+from swarm.routing import NoRouteError, RouteSpan, SwarmSnapshot, excluded_peers, fewest_hops_route
 from swarm.transport import LoopThread, PeerError, call_forward
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class RemoteSequence:
         self.p2p: P2P = self.loop.run(self.dht.replicate_p2p())
         self._snapshot: SwarmSnapshot | None = None
         self._snapshot_time = 0.0
+        self._allowed = None if config.allowed_peers is None else {PeerID.from_base58(p) for p in config.allowed_peers}
+        self._blocked = {PeerID.from_base58(p) for p in config.blocked_peers}
         self._failures: dict[PeerID, int] = {}
         self._banned_until: dict[PeerID, float] = {}
 
@@ -72,9 +74,9 @@ class RemoteSequence:
         refresh = False
         while True:
             try:
-                route = fewest_hops_route(
-                    self.snapshot(refresh=refresh), start, end, exclude=self.banned(), min_length=min_length
-                )
+                snapshot = self.snapshot(refresh=refresh)
+                exclude = excluded_peers(snapshot, self._allowed, self._blocked, self.banned())
+                route = fewest_hops_route(snapshot, start, end, exclude=exclude, min_length=min_length)
                 logger.debug(f"route: {[(str(s.peer_id)[-6:], s.uid) for s in route]}")
                 return route
             except NoRouteError as e:

@@ -9,7 +9,7 @@ from hivemind.p2p import PeerID
 
 from dht.records import BlockServer, ServerRecord
 from peers.placement import choose_span, coverage
-from swarm.routing import NoRouteError, PeerSpan, RouteSpan, SwarmSnapshot, fewest_hops_route
+from swarm.routing import NoRouteError, PeerSpan, RouteSpan, SwarmSnapshot, excluded_peers, fewest_hops_route
 
 # Real libp2p peer IDs (made with dht.identity.load_or_create_identity(None)).
 IDS = [
@@ -307,3 +307,25 @@ def test_choose_span_clamps_length():
 def test_choose_span_rejects_bad_length(length):
     with pytest.raises(ValueError):
         choose_span(8, length, [0] * 8)
+
+
+def test_allowed_and_blocked_peers():
+    snap = snapshot(8, (A, 0, 8, 10.0), (B, 0, 4, 1.0), (C, 4, 8, 1.0), (D, 4, 8, 5.0))
+    assert excluded_peers(snap) == set()
+    assert excluded_peers(snap, allowed={B, C}) == {A, D}
+    assert excluded_peers(snap, blocked={A}, banned={D}) == {A, D}
+    assert fewest_hops_route(snap, 0, 8, exclude=excluded_peers(snap, allowed={B, C, D})) == [
+        RouteSpan(B, 0, 4),
+        RouteSpan(D, 4, 8),
+    ]
+    with pytest.raises(NoRouteError) as info:
+        fewest_hops_route(snap, 0, 8, exclude=excluded_peers(snap, allowed={B}))
+    assert info.value.uncovered == [4, 5, 6, 7]
+
+
+def test_client_config_rejects_bad_peer_ids():
+    from swarm import ClientConfig
+
+    with pytest.raises(ValueError, match="is not a peer ID"):
+        ClientConfig(blocked_peers=["not-a-peer-id!"])
+    ClientConfig(allowed_peers=[A.to_base58()], blocked_peers=[B.to_base58()])

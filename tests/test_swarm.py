@@ -214,3 +214,22 @@ def test_tied_embeddings_checkpoint_matches_local(tmp_path, local_model):
         if model is not None:
             model.shutdown()
         swarm.stop_checked()
+
+
+def test_allowed_and_blocked_peers_shape_the_route(llama_ckpt, llama_swarm):
+    first, second = (p.info["peer_id"] for p in llama_swarm.peers[:2])
+    trusting = AutoDistributedModelForCausalLM.from_pretrained(
+        llama_ckpt, initial_peers=llama_swarm.initial_peers, allowed_peers=[first, second]
+    )
+    try:
+        assert [s.peer_id.to_base58() for s in trusting.model.sequence.make_route()] == [first, second]
+    finally:
+        trusting.shutdown()
+    wary = AutoDistributedModelForCausalLM.from_pretrained(
+        llama_ckpt, initial_peers=llama_swarm.initial_peers, blocked_peers=[second], discovery_timeout=1
+    )
+    try:
+        with pytest.raises(NoRouteError, match=r"block\(s\) 2-3"):
+            wary.model.sequence.make_route()
+    finally:
+        wary.shutdown()
