@@ -111,6 +111,7 @@ class InferenceSession:
                         error = replacement_error
                 continue  # the same input, now to the replacement
             self._remember(i, hidden, position)
+            self.sequence.succeeded(self._streams[i].peer_id)
             hidden = output
             i += 1
         return hidden

@@ -60,6 +60,14 @@ class RemoteSequence:
         logger.info(f"avoiding peer {peer_id} for {backoff:.0f} s after {failures} failure(s) in a row")
         return backoff
 
+    def succeeded(self, peer_id: PeerID) -> None:
+        """A peer answered: its next failure starts the backoff from the beginning again."""
+        if self._failures:
+            self._failures.pop(peer_id, None)
+
+    def failures_in_a_row(self, peer_id: PeerID) -> int:
+        return self._failures.get(peer_id, 0)
+
     def banned(self) -> set[PeerID]:
         now = time.monotonic()
         return {peer for peer, until in self._banned_until.items() if until > now}
@@ -112,6 +120,7 @@ class RemoteSequence:
                 logger.warning(f"forward through blocks {span.uid} failed ({e}); trying another peer")
                 self.ban(span.peer_id)
                 continue
+            self.succeeded(span.peer_id)
             block = span.end
         return wire.to(hidden.dtype)
 

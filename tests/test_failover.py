@@ -7,9 +7,10 @@ import time
 import pytest
 import torch
 from conftest import start_swarm
+from hivemind.p2p import PeerID
 from transformers.generation.streamers import BaseStreamer
 
-from swarm import AutoDistributedModelForCausalLM, NoRouteError
+from swarm import AutoDistributedModelForCausalLM, NoRouteError, PeerError
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,42 @@ def test_losing_the_only_holder_fails_clearly_and_quickly(replicated):
         with pytest.raises(NoRouteError, match=r"block\(s\) 0-1"):
             model.generate(None, max_new_tokens=2)
         assert time.monotonic() - began < 20
+
+
+def test_restarted_peer_with_same_identity_is_used_again_after_its_ban(tmp_path, llama_ckpt, local_model):
+    swarm = start_swarm(llama_ckpt, peers=1, spans=[(0, 4)])  # a bootstrap peer that stays up
+    key = str(tmp_path / "peer-a.key")
+    model = None
+    try:
+        first = swarm.start_peer((0, 4), extra_args=["--log-level", "WARNING", "--identity-path", key], name="a")
+        peer_a = first.info["peer_id"]
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            llama_ckpt,
+            initial_peers=swarm.initial_peers,
+            allowed_peers=[peer_a],  # force every route through peer A
+            ban_seconds=1.0,
+            max_ban_seconds=1.0,
+            failover_timeout=2.0,
+        )
+        ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(33))
+        with torch.no_grad():
+            expected = local_model(llama_ckpt)(ids).logits
+            assert torch.allclose(model(ids).logits, expected, atol=1e-4, rtol=0)
+            first.process.kill()
+            first.process.wait(10)
+            with pytest.raises((PeerError, NoRouteError)):
+                model(ids)
+            sequence = model.model.sequence
+            assert sequence.failures_in_a_row(PeerID.from_base58(peer_a)) >= 1
+
+            again = swarm.start_peer((0, 4), extra_args=["--log-level", "WARNING", "--identity-path", key], name="a2")
+            assert again.info["peer_id"] == peer_a  # same identity, same peer ID
+            time.sleep(1.5)  # the ban (capped at 1 s here) runs out
+            model.model.sequence.snapshot(refresh=True)
+            assert torch.allclose(model(ids).logits, expected, atol=1e-4, rtol=0)
+            assert [s.peer_id.to_base58() for s in sequence.make_route()] == [peer_a]
+            assert sequence.failures_in_a_row(PeerID.from_base58(peer_a)) == 0  # the backoff starts over
+    finally:
+        if model is not None:
+            model.shutdown()
+        swarm.stop()
