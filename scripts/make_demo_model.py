@@ -320,7 +320,9 @@ def train(
     start = time.perf_counter()
     elapsed = 0.0
     bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s{postfix}"
-    with tqdm(total=seconds, desc="training", bar_format=bar_format, file=sys.stdout) as bar:
+    # In a log file (no terminal) every redraw is a new chunk of text: redraw rarely there.
+    interval = 0.5 if sys.stdout.isatty() else 15.0
+    with tqdm(total=seconds, desc="training", bar_format=bar_format, file=sys.stdout, mininterval=interval) as bar:
         while elapsed < seconds:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, elapsed / seconds)
