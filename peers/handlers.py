@@ -192,10 +192,15 @@ class BlockService:
                 hidden = self._read_hidden(request, batch=batch)
                 position = get_int(decode_metadata(request.metadata), "position", low=0, high=max_length)
                 session.prepare_step(position, hidden.shape[1])
+                began = time.perf_counter()
                 output = await self._compute(hidden, session, start, end)
+                compute_s = time.perf_counter() - began
                 self.stats["inference_steps"] += 1
                 self.stats["tokens_processed"] += hidden.shape[0] * hidden.shape[1]
-                await send_message(make_response([output], {"position": session.position}), writer)
+                # The compute time lets the client tell network latency from compute when it picks routes.
+                await send_message(
+                    make_response([output], {"position": session.position, "compute_s": compute_s}), writer
+                )
         except (ProtocolError, RemoteError) as e:
             self.stats["errors"] += 1
             logger.info(f"inference session from {peer} ended with an error: {e}")

@@ -21,6 +21,8 @@ class ClientConfig:
     snapshot_ttl: float = 10.0  # seconds a view of the swarm is reused before asking the DHT again
     allowed_peers: list[str] | None = None  # peer IDs (base58) the client may route through; None: any peer
     blocked_peers: list[str] = field(default_factory=list)  # peer IDs never used, e.g. ones you do not trust
+    default_rtt: float = 0.005  # assumed round trip (s) to a peer not measured yet, for latency routing
+    full_cache_penalty: float = 1.0  # routing cost (s) added for a peer that announced too little free cache
     ban_seconds: float = 2.0  # a peer that failed is avoided this long, doubling with each failure in a row
     max_ban_seconds: float = 120.0
     max_failovers: int = 4  # replacements of failed peers within one step before the step fails

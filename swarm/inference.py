@@ -40,12 +40,16 @@ class InferenceSession:
         self.failovers = 0
         self.token_ids: torch.Tensor | None = None  # tokens of the session so far (set by the model)
 
+    @property
+    def _tokens_needed(self) -> int:
+        return self.batch * self.max_length  # the cache a peer reserves for this session
+
     def _new_stream(self, span: RouteSpan) -> InferenceStream:
         cfg = self.sequence.config
         return InferenceStream(self.sequence.p2p, span.peer_id, span.uid, cfg.max_message_bytes, cfg.request_timeout)
 
     def open(self) -> InferenceSession:
-        self.route = self.sequence.make_route(min_length=self.max_length)
+        self.route = self.sequence.make_route(min_length=self.max_length, tokens_needed=self._tokens_needed)
         self._streams = [self._new_stream(span) for span in self.route]
         self._history = [None] * len(self._streams)
         try:
@@ -112,6 +116,7 @@ class InferenceSession:
                 continue  # the same input, now to the replacement
             self._remember(i, hidden, position)
             self.sequence.succeeded(self._streams[i].peer_id)
+            self.sequence.observe_rtt(self._streams[i].peer_id, self._streams[i].last_rtt)
             hidden = output
             i += 1
         return hidden
@@ -133,7 +138,11 @@ class InferenceSession:
         route = await loop.run_in_executor(
             None,
             lambda: self.sequence.make_route(
-                min_length=self.max_length, start=failed.start, end=failed.end, timeout=cfg.failover_timeout
+                min_length=self.max_length,
+                start=failed.start,
+                end=failed.end,
+                timeout=cfg.failover_timeout,
+                tokens_needed=self._tokens_needed,
             ),
         )
         streams = [self._new_stream(span) for span in route]

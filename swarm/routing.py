@@ -1,13 +1,16 @@
 """Route search over a snapshot of the swarm: pure functions, no network.
 
-A route is a chain of (peer, [start, end)) spans that covers the requested blocks in order. The current policy
-is the fewest hops (each hop costs a network round trip), preferring faster peers among equals; the snapshot
-and the span type are what latency-aware policies will work on too.
+A route is a chain of (peer, [start, end)) spans that covers the requested blocks in order. Inference uses the
+least expected time per token (measured round trips + announced compute speed); whole-sequence work spreads
+over replicas by throughput; `fewest_hops_route` is the plain hop-count search and names uncovered blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+import heapq
+import math
+import random
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from hivemind.p2p import PeerID
@@ -143,4 +146,77 @@ def fewest_hops_route(
         best = max(candidates, key=lambda p: (min(p.end, end), p.throughput, p.peer_id.to_bytes()))
         route.append(RouteSpan(best.peer_id, position, min(best.end, end)))
         position = min(best.end, end)
+    return route
+
+
+def min_latency_route(
+    snapshot: SwarmSnapshot,
+    start: int,
+    end: int,
+    *,
+    rtt: Mapping[PeerID, float],
+    default_rtt: float,
+    exclude: Collection[PeerID] = (),
+    min_length: int = 1,
+    tokens_needed: int = 0,
+    full_cache_penalty: float = 1.0,
+) -> list[RouteSpan]:
+    """The route with the least expected time per generated token (shortest path over block positions).
+
+    A hop through peer p over blocks [a, b) costs p's round-trip time as this client measured it (`default_rtt`
+    until measured) plus its compute time for those blocks, estimated from its announced throughput (tokens/s over
+    its whole span); a peer whose announced free cache is below `tokens_needed` costs `full_cache_penalty` more.
+    """
+    usable = [p for p in snapshot.peers.values() if p.peer_id not in exclude and p.max_length >= min_length]
+    best: dict[int, float] = {start: 0.0}
+    came_from: dict[int, RouteSpan] = {}
+    queue: list[tuple[float, int]] = [(0.0, start)]
+    while queue:
+        cost, position = heapq.heappop(queue)
+        if position == end:
+            break
+        if cost > best.get(position, math.inf):
+            continue
+        for p in usable:
+            if not p.start <= position < p.end:
+                continue
+            reach = min(p.end, end)
+            compute = (reach - position) / (max(p.throughput, 1e-6) * (p.end - p.start))
+            penalty = full_cache_penalty if p.cache_tokens_left < tokens_needed else 0.0
+            new_cost = cost + rtt.get(p.peer_id, default_rtt) + compute + penalty
+            if new_cost < best.get(reach, math.inf):
+                best[reach] = new_cost
+                came_from[reach] = RouteSpan(p.peer_id, position, reach)
+                heapq.heappush(queue, (new_cost, reach))
+    if end not in came_from and start != end:
+        # Same diagnosis as the hop-count search: which blocks nobody usable serves.
+        return fewest_hops_route(snapshot, start, end, exclude=exclude, min_length=min_length)
+    route, position = [], end
+    while position != start:
+        span = came_from[position]
+        route.append(span)
+        position = span.start
+    return route[::-1]
+
+
+def throughput_weighted_route(
+    snapshot: SwarmSnapshot,
+    start: int,
+    end: int,
+    *,
+    rng: random.Random,
+    exclude: Collection[PeerID] = (),
+    min_length: int = 1,
+) -> list[RouteSpan]:
+    """For whole-sequence work: at each position pick one of the peers serving it, with probability proportional
+    to its announced throughput, so that many such requests spread over the replicas by their capacity."""
+    usable = [p for p in snapshot.peers.values() if p.peer_id not in exclude and p.max_length >= min_length]
+    route, position = [], start
+    while position < end:
+        candidates = [p for p in usable if p.start <= position < p.end]
+        if not candidates:
+            raise NoRouteError(snapshot.uncovered(start, end, exclude, min_length) or [position])
+        [chosen] = rng.choices(candidates, weights=[max(p.throughput, 1e-6) for p in candidates])
+        route.append(RouteSpan(chosen.peer_id, position, min(chosen.end, end)))
+        position = min(chosen.end, end)
     return route

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 import torch
@@ -13,10 +14,19 @@ from dht.announce import fetch_block_servers
 from dht.node import start_dht_node
 from dht.records import check_prefix, make_validators
 from swarm.config import ClientConfig
-from swarm.routing import NoRouteError, RouteSpan, SwarmSnapshot, excluded_peers, fewest_hops_route
+from swarm.routing import (
+    NoRouteError,
+    RouteSpan,
+    SwarmSnapshot,
+    excluded_peers,
+    fewest_hops_route,
+    min_latency_route,
+    throughput_weighted_route,
+)
 from swarm.transport import LoopThread, PeerError, call_forward
 
 logger = logging.getLogger(__name__)
+RTT_SMOOTHING = 0.2  # weight of a new round-trip sample in the moving average
 
 
 class RemoteSequence:
@@ -38,6 +48,8 @@ class RemoteSequence:
         self._allowed = None if config.allowed_peers is None else {PeerID.from_base58(p) for p in config.allowed_peers}
         self._blocked = {PeerID.from_base58(p) for p in config.blocked_peers}
         self._failures: dict[PeerID, int] = {}
+        self._rtt: dict[PeerID, float] = {}
+        self._rng = random.Random()
         self._banned_until: dict[PeerID, float] = {}
 
     # ---- discovery ----
@@ -72,11 +84,29 @@ class RemoteSequence:
         now = time.monotonic()
         return {peer for peer, until in self._banned_until.items() if until > now}
 
+    def observe_rtt(self, peer_id: PeerID, seconds: float) -> None:
+        """Fold a measured network round trip to a peer into its moving average (used by latency routing)."""
+        previous = self._rtt.get(peer_id)
+        self._rtt[peer_id] = seconds if previous is None else (1 - RTT_SMOOTHING) * previous + RTT_SMOOTHING * seconds
+
+    def rtt(self) -> dict[PeerID, float]:
+        return dict(self._rtt)
+
     def make_route(
-        self, min_length: int = 1, start: int = 0, end: int | None = None, timeout: float | None = None
+        self,
+        min_length: int = 1,
+        start: int = 0,
+        end: int | None = None,
+        timeout: float | None = None,
+        policy: str = "latency",
+        tokens_needed: int = 0,
     ) -> list[RouteSpan]:
-        """A route over blocks [start, end) avoiding banned peers; waits up to `timeout` (default: the discovery
-        timeout) for the swarm to cover them."""
+        """A route over blocks [start, end) avoiding banned, blocked and not-allowed peers; waits up to `timeout`
+        (default: the discovery timeout) for the swarm to cover them.
+
+        policy "latency": least expected time per token (inference); "throughput": spread over replicas by their
+        announced throughput (whole-sequence work); "hops": fewest hops.
+        """
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + (self.config.discovery_timeout if timeout is None else timeout)
         refresh = False
@@ -84,7 +114,24 @@ class RemoteSequence:
             try:
                 snapshot = self.snapshot(refresh=refresh)
                 exclude = excluded_peers(snapshot, self._allowed, self._blocked, self.banned())
-                route = fewest_hops_route(snapshot, start, end, exclude=exclude, min_length=min_length)
+                if policy == "latency":
+                    route = min_latency_route(
+                        snapshot,
+                        start,
+                        end,
+                        rtt=self._rtt,
+                        default_rtt=self.config.default_rtt,
+                        exclude=exclude,
+                        min_length=min_length,
+                        tokens_needed=tokens_needed,
+                        full_cache_penalty=self.config.full_cache_penalty,
+                    )
+                elif policy == "throughput":
+                    route = throughput_weighted_route(
+                        snapshot, start, end, rng=self._rng, exclude=exclude, min_length=min_length
+                    )
+                else:
+                    route = fewest_hops_route(snapshot, start, end, exclude=exclude, min_length=min_length)
                 logger.debug(f"route: {[(str(s.peer_id)[-6:], s.uid) for s in route]}")
                 return route
             except NoRouteError as e:
@@ -101,7 +148,7 @@ class RemoteSequence:
         block, failures = 0, 0
         while block < self.num_blocks:
             timeout = None if failures == 0 else self.config.failover_timeout
-            span = self.make_route(min_length=hidden.shape[1], start=block, timeout=timeout)[0]
+            span = self.make_route(min_length=hidden.shape[1], start=block, timeout=timeout, policy="throughput")[0]
             try:
                 wire = self.loop.run(
                     call_forward(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -74,6 +75,7 @@ class InferenceStream:
         self.p2p, self.peer_id, self.uid = p2p, peer_id, uid
         self.max_bytes, self.timeout = max_bytes, timeout
         self.max_numel = max_bytes // 2  # elements of the smallest wire dtype that fit in max_bytes
+        self.last_rtt = 0.0  # network part of the last step's round trip (s)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -92,9 +94,16 @@ class InferenceStream:
         if self._writer is None:
             raise PeerError(self.peer_id, "the session with this peer is closed")
         try:
+            began = time.perf_counter()
             await send_message(make_request([hidden], {"position": position}), self._writer)
             response = await self._receive(self.timeout)
-            return _check_output(response, hidden, self.max_numel)
+            elapsed = time.perf_counter() - began
+            output = _check_output(response, hidden, self.max_numel)
+            compute = decode_metadata(response.metadata).get("compute_s", 0.0)
+            if not isinstance(compute, float) or not 0.0 <= compute <= elapsed:
+                compute = 0.0  # a bad report only makes our latency estimate pessimistic
+            self.last_rtt = elapsed - compute
+            return output
         except BaseException as e:
             # After a timeout or a bad answer, a late or half-read reply could be taken for the next step's:
             # this stream is never used again.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -9,7 +10,16 @@ from hivemind.p2p import PeerID
 
 from dht.records import BlockServer, ServerRecord
 from peers.placement import choose_span, coverage
-from swarm.routing import NoRouteError, PeerSpan, RouteSpan, SwarmSnapshot, excluded_peers, fewest_hops_route
+from swarm.routing import (
+    NoRouteError,
+    PeerSpan,
+    RouteSpan,
+    SwarmSnapshot,
+    excluded_peers,
+    fewest_hops_route,
+    min_latency_route,
+    throughput_weighted_route,
+)
 
 # Real libp2p peer IDs (made with dht.identity.load_or_create_identity(None)).
 IDS = [
@@ -329,3 +339,79 @@ def test_client_config_rejects_bad_peer_ids():
     with pytest.raises(ValueError, match="is not a peer ID"):
         ClientConfig(blocked_peers=["not-a-peer-id!"])
     ClientConfig(allowed_peers=[A.to_base58()], blocked_peers=[B.to_base58()])
+
+
+# ---- latency and throughput policies ----
+
+
+def test_min_latency_prefers_the_peer_with_lower_measured_rtt():
+    snap = snapshot(4, (A, 0, 4, 100.0), (B, 0, 4, 100.0))
+    assert min_latency_route(snap, 0, 4, rtt={A: 0.050, B: 0.002}, default_rtt=0.01) == [RouteSpan(B, 0, 4)]
+    assert min_latency_route(snap, 0, 4, rtt={A: 0.002, B: 0.050}, default_rtt=0.01) == [RouteSpan(A, 0, 4)]
+    # unmeasured peers get the default round trip
+    assert min_latency_route(snap, 0, 4, rtt={A: 0.050}, default_rtt=0.01) == [RouteSpan(B, 0, 4)]
+
+
+def test_min_latency_weighs_compute_against_extra_hops():
+    # A serves everything but slowly (10 tokens/s over 4 blocks: 0.1 s per token); B and C are fast.
+    snap = snapshot(4, (A, 0, 4, 10.0), (B, 0, 2, 1000.0), (C, 2, 4, 1000.0))
+    fast = min_latency_route(snap, 0, 4, rtt={}, default_rtt=0.001)
+    assert fast == [RouteSpan(B, 0, 2), RouteSpan(C, 2, 4)]
+    # with slow links, one hop through the slow peer is cheaper than two network round trips
+    assert min_latency_route(snap, 0, 4, rtt={}, default_rtt=0.5) == [RouteSpan(A, 0, 4)]
+
+
+def test_min_latency_penalizes_full_caches_and_reports_gaps():
+    snap = snapshot(4, (A, 0, 4, 100.0), (B, 0, 4, 100.0))
+    snap.peers[A] = PeerSpan(A, 0, 4, 100.0, 10, 4096)  # only 10 cache tokens left
+    route = min_latency_route(snap, 0, 4, rtt={A: 0.001, B: 0.01}, default_rtt=0.01, tokens_needed=512)
+    assert route == [RouteSpan(B, 0, 4)]
+    with pytest.raises(NoRouteError) as info:
+        min_latency_route(snapshot(4, (A, 0, 2)), 0, 4, rtt={}, default_rtt=0.01)
+    assert info.value.uncovered == [2, 3]
+
+
+def _hop_cost(snap: SwarmSnapshot, rtt: dict, peer: PeerSpan, position: int, reach: int) -> float:
+    return rtt[peer.peer_id] + (reach - position) / (peer.throughput * (peer.end - peer.start))
+
+
+def _best_cost(snap: SwarmSnapshot, rtt: dict, position: int, end: int) -> float:
+    """Exhaustive search over every chain of hops from `position` to `end`."""
+    if position == end:
+        return 0.0
+    options = [
+        _hop_cost(snap, rtt, p, position, min(p.end, end)) + _best_cost(snap, rtt, min(p.end, end), end)
+        for p in snap.peers.values()
+        if p.start <= position < p.end
+    ]
+    return min(options) if options else math.inf
+
+
+def test_min_latency_matches_brute_force_on_random_snapshots():
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        spans = []
+        for peer in IDS[: rng.randint(1, 6)]:
+            a = rng.randrange(n)
+            spans.append((peer, a, rng.randint(a + 1, n), rng.choice([1.0, 10.0, 100.0])))
+        snap = snapshot(n, *spans)
+        rtt = {p: rng.choice([0.001, 0.01, 0.1]) for p, *_ in spans}
+        expected = _best_cost(snap, rtt, 0, n)
+        if math.isinf(expected):
+            with pytest.raises(NoRouteError):
+                min_latency_route(snap, 0, n, rtt=rtt, default_rtt=0.01)
+            continue
+        route = min_latency_route(snap, 0, n, rtt=rtt, default_rtt=0.01)
+        check_route(snap, route, 0, n)
+        cost = sum(_hop_cost(snap, rtt, snap.peers[s.peer_id], s.start, s.end) for s in route)
+        assert math.isclose(cost, expected, rel_tol=1e-9)
+
+
+def test_throughput_weighted_route_spreads_load_by_throughput():
+    snap = snapshot(4, (A, 0, 4, 30.0), (B, 0, 4, 10.0))
+    rng = random.Random(0)
+    picks = [throughput_weighted_route(snap, 0, 4, rng=rng)[0].peer_id for _ in range(4000)]
+    assert abs(picks.count(A) / len(picks) - 0.75) < 0.03
+    with pytest.raises(NoRouteError):
+        throughput_weighted_route(snap, 0, 4, rng=rng, exclude={A, B})
