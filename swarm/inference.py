@@ -49,15 +49,29 @@ class InferenceSession:
         return InferenceStream(self.sequence.p2p, span.peer_id, span.uid, cfg.max_message_bytes, cfg.request_timeout)
 
     def open(self) -> InferenceSession:
-        self.route = self.sequence.make_route(min_length=self.max_length, tokens_needed=self._tokens_needed)
-        self._streams = [self._new_stream(span) for span in self.route]
-        self._history = [None] * len(self._streams)
-        try:
-            self.sequence.loop.run(self._open_all(self._streams))
-        except BaseException:
-            self.close()
-            raise
-        return self
+        """Open a stream to every peer of a route; a peer that fails to open is avoided and the route re-planned."""
+        failures = 0
+        while True:
+            self.route = self.sequence.make_route(
+                min_length=self.max_length,
+                tokens_needed=self._tokens_needed,
+                timeout=None if failures == 0 else self.sequence.config.failover_timeout,
+            )
+            self._streams = [self._new_stream(span) for span in self.route]
+            self._history = [None] * len(self._streams)
+            try:
+                self.sequence.loop.run(self._open_all(self._streams))
+                return self
+            except PeerError as e:
+                failures += 1
+                if failures > self.sequence.config.max_failovers:
+                    self.close()
+                    raise
+                logger.warning(f"could not open a session ({e}); trying other peers")
+                self.sequence.ban(e.peer_id)
+            except BaseException:
+                self.close()
+                raise
 
     async def _open_all(self, streams: list[InferenceStream]) -> None:
         cfg = self.sequence.config

@@ -49,7 +49,7 @@ class RemoteSequence:
         self._blocked = {PeerID.from_base58(p) for p in config.blocked_peers}
         self._failures: dict[PeerID, int] = {}
         self._rtt: dict[PeerID, float] = {}
-        self._rng = random.Random()
+        self.rng = random.Random()  # picks among replicas for throughput-weighted routes
         self._banned_until: dict[PeerID, float] = {}
 
     # ---- discovery ----
@@ -128,7 +128,7 @@ class RemoteSequence:
                     )
                 elif policy == "throughput":
                     route = throughput_weighted_route(
-                        snapshot, start, end, rng=self._rng, exclude=exclude, min_length=min_length
+                        snapshot, start, end, rng=self.rng, exclude=exclude, min_length=min_length
                     )
                 else:
                     route = fewest_hops_route(snapshot, start, end, exclude=exclude, min_length=min_length)
