@@ -25,7 +25,6 @@ from peers.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
     PROTOCOL_VERSION,
-    WIRE_DTYPES,
     ProtocolError,
     RemoteError,
     decode_metadata,
@@ -131,8 +130,6 @@ class BlockService:
         if len(request.tensors) != 1:
             raise ProtocolError(f"expected exactly 1 tensor (hidden states), got {len(request.tensors)}")
         hidden = decode_tensor(request.tensors[0], max_numel=self.limits.max_numel)
-        if hidden.dtype not in WIRE_DTYPES.values():
-            raise ProtocolError(f"unsupported dtype {hidden.dtype}")
         return check_hidden(hidden, self.limits, batch=batch)
 
     async def _handle_forward(

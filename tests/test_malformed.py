@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from conftest import start_swarm
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from peers.protocol import FORWARD_HANDLER, INFERENCE_HANDLER, make_request, receive_message, send_message
+from peers.protocol import FORWARD_HANDLER, INFERENCE_HANDLER, make_request, receive_message
 from swarm import AutoDistributedModelForCausalLM, PeerError
 from swarm.transport import InferenceStream, call_forward
 
@@ -146,13 +146,14 @@ def test_bad_steps_end_only_their_own_session(guarded, llama_ckpt, local_model):
     assert torch.equal(second, expected)
 
 
-def test_oversized_and_garbage_frames_are_refused(guarded):
+def first_answer(guarded, handler: str, data: bytes) -> str:
+    """Send raw bytes to a peer's handler; the error text of its first answer (or "no error")."""
     seq, peer = _ctx(guarded)
 
-    async def raw(frame: bytes) -> str:
-        _, reader, writer = await seq.p2p.call_binary_stream_handler(peer, FORWARD_HANDLER)
+    async def exchange() -> str:
+        _, reader, writer = await seq.p2p.call_binary_stream_handler(peer, handler)
         try:
-            writer.write(frame)
+            writer.write(data)
             await writer.drain()
             try:
                 await receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=10**6)
@@ -162,10 +163,18 @@ def test_oversized_and_garbage_frames_are_refused(guarded):
         finally:
             writer.close()
 
+    return seq.loop.run(exchange())
+
+
+def test_oversized_and_garbage_frames_are_refused(guarded):
     # a header announcing 1 GiB is refused before any payload is sent
-    assert "exceeds the limit of 65536 bytes" in seq.loop.run(raw(b"\x00" + (2**30).to_bytes(8, "big")))
-    assert "invalid frame marker" in seq.loop.run(raw(b"\x07" + (10).to_bytes(8, "big") + b"x" * 10))
-    assert "not a valid ExpertRequest" in seq.loop.run(raw(b"\x00" + (4).to_bytes(8, "big") + b"\xff\xff\xff\xff"))
+    assert "exceeds the limit of 65536 bytes" in first_answer(
+        guarded, FORWARD_HANDLER, b"\x00" + (2**30).to_bytes(8, "big")
+    )
+    garbage_marker = b"\x07" + (10).to_bytes(8, "big") + b"x" * 10
+    assert "invalid frame marker" in first_answer(guarded, FORWARD_HANDLER, garbage_marker)
+    garbage_proto = b"\x00" + (4).to_bytes(8, "big") + b"\xff\xff\xff\xff"
+    assert "not a valid ExpertRequest" in first_answer(guarded, FORWARD_HANDLER, garbage_proto)
 
 
 def test_too_many_sessions_is_refused_and_freed(guarded):
@@ -178,30 +187,25 @@ def test_too_many_sessions_is_refused_and_freed(guarded):
             close(guarded, s)
     # closed sessions give their slots and cache back (the peer notices the close asynchronously)
     for _ in range(50):
+        reopened = []
         try:
-            streams = [open_stream(guarded, max_length=8) for _ in range(3)]
+            for _ in range(3):
+                reopened.append(open_stream(guarded, max_length=8))
             break
         except PeerError:
-            asyncio.run(asyncio.sleep(0.1))
-    for s in streams:
-        close(guarded, s)
+            time.sleep(0.1)
+        finally:
+            for s in reopened:
+                close(guarded, s)
+    else:
+        pytest.fail("the peer did not free the slots of closed sessions within 5 s")
 
 
 def test_session_metadata_must_be_well_typed(guarded):
-    seq, peer = _ctx(guarded)
+    def opening(metadata: dict) -> str:
+        payload = make_request([], metadata, uid="0:4").SerializeToString()
+        return first_answer(guarded, INFERENCE_HANDLER, b"\x00" + len(payload).to_bytes(8, "big") + payload)
 
-    async def opening(metadata: dict) -> str:
-        _, reader, writer = await seq.p2p.call_binary_stream_handler(peer, INFERENCE_HANDLER)
-        try:
-            await send_message(make_request([], metadata, uid="0:4"), writer)
-            try:
-                await receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=10**6)
-            except Exception as e:
-                return str(e)
-            return "no error"
-        finally:
-            writer.close()
-
-    assert "'max_length' must be an integer, got str" in seq.loop.run(opening({"max_length": "8", "batch": 1}))
-    assert "'batch' must be an integer, got bool" in seq.loop.run(opening({"max_length": 8, "batch": True}))
-    assert "'batch' is required" in seq.loop.run(opening({"max_length": 8}))
+    assert "'max_length' must be an integer, got str" in opening({"max_length": "8", "batch": 1})
+    assert "'batch' must be an integer, got bool" in opening({"max_length": 8, "batch": True})
+    assert "'batch' is required" in opening({"max_length": 8})
