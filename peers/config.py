@@ -72,6 +72,19 @@ class PeerConfig(DhtNodeConfig):
         default=16,
     )
     num_threads: int = _opt("torch compute threads (0: all cores)", default=0)
+    rebalance_period: float = _opt(
+        "with --num-blocks: seconds between checks whether another span would serve the swarm much better "
+        "(jittered by +-50%%); 0: never move",
+        default=120.0,
+    )
+    balance_quality: float = _opt(
+        "move only if the weakest block's coverage now is below this fraction of what it would be after moving",
+        default=0.75,
+    )
+    throughput_cache: str = _opt(
+        "file caching this machine's measured compute throughput per setup ('' to measure at every start)",
+        default=str(Path.home() / ".cache" / "blockswarm" / "throughput.json"),
+    )
 
     def validate(self) -> PeerConfig:
         _check_log_level(self.log_level)
@@ -102,6 +115,10 @@ class PeerConfig(DhtNodeConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.record_ttl <= self.announce_period:
             raise ConfigError("--record-ttl must be longer than --announce-period, or records lapse between refreshes")
+        if self.rebalance_period < 0:
+            raise ConfigError("--rebalance-period must be >= 0")
+        if not 0 < self.balance_quality <= 1:
+            raise ConfigError(f"--balance-quality must be in (0, 1], got {self.balance_quality}")
         return self
 
 

@@ -23,6 +23,10 @@ PROTOCOL_VERSION = 1
 INFERENCE_HANDLER = "blockswarm.v1.inference"
 FORWARD_HANDLER = "blockswarm.v1.forward"
 INFO_HANDLER = "blockswarm.v1.info"
+PUSH_HANDLER = "blockswarm.v1.push"  # peer-to-peer: a step's output pushed straight into the next peer's session
+MAX_PUSH_HOPS = 256  # longest chain of next peers one step may name
+_TOKEN_CHARS = frozenset("0123456789abcdef")
+PUSH_TOKEN_LENGTH = 32
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -108,6 +112,33 @@ def get_int(meta: dict[str, Any], key: str, *, low: int, high: int, default: int
     if not low <= value <= high:
         raise ProtocolError(f"metadata field {key!r}={value} is outside [{low}, {high}]")
     return value
+
+
+def get_step(meta: dict[str, Any]) -> int | None:
+    """The step number a client gives its requests so that a peer can drop a second copy of one (pushed by the
+    previous peer and also sent by the client); None for requests without one."""
+    if meta.get("step") is None:
+        return None
+    return get_int(meta, "step", low=0, high=2**62)
+
+
+def check_push_token(token: Any) -> str:
+    if not isinstance(token, str) or len(token) != PUSH_TOKEN_LENGTH or not _TOKEN_CHARS.issuperset(token):
+        raise ProtocolError(f"a push token must be {PUSH_TOKEN_LENGTH} lowercase hex characters")
+    return token
+
+
+def get_push_chain(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """The peers (base58 peer ID, push token) that this step's output goes to next, in order."""
+    chain = meta.get("push", [])
+    if not isinstance(chain, list) or len(chain) > MAX_PUSH_HOPS:
+        raise ProtocolError(f"metadata field 'push' must be a list of at most {MAX_PUSH_HOPS} [peer, token] pairs")
+    result = []
+    for hop in chain:
+        if not (isinstance(hop, list) and len(hop) == 2 and isinstance(hop[0], str) and 0 < len(hop[0]) <= 128):
+            raise ProtocolError("each 'push' hop must be [peer ID, push token]")
+        result.append((hop[0], check_push_token(hop[1])))
+    return result
 
 
 def make_request(tensors: list[torch.Tensor], metadata: dict[str, Any], uid: str = "") -> runtime_pb2.ExpertRequest:

@@ -58,6 +58,7 @@ class LocalSwarm:
         start_timeout: float = 180.0,
         workdir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
+        bootstrap: list[str] | None = None,
     ):
         self.model = str(model)
         if spans is None:
@@ -70,9 +71,12 @@ class LocalSwarm:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="blockswarm-swarm-"))
         self.env = env or {}
         self.peers: list[PeerProcess] = []
+        self.bootstrap = bootstrap  # multiaddrs of a DHT node outside this swarm, to join through instead of peer 0
 
     @property
     def initial_peers(self) -> list[str]:
+        if self.bootstrap:
+            return list(self.bootstrap)
         return list(self.peers[0].info["maddrs"]) if self.peers and self.peers[0].info else []
 
     def start_peer(
@@ -81,16 +85,19 @@ class LocalSwarm:
         extra_args: list[str] | None = None,
         wait: bool = True,
         name: str | None = None,
+        launcher: list[str] | None = None,
     ) -> PeerProcess:
+        """Start one more peer; `launcher` prefixes its command (e.g. ``ip netns exec NS`` for another host)."""
         index = len(self.peers)
         name = name or f"peer{index}"
         ready = self.workdir / f"{name}.ready.json"
         log = self.workdir / f"{name}.log"
         ready.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "peers", self.model, "--host-maddrs", LOOPBACK, "--ready-file", str(ready)]
+        args = [*(launcher or []), sys.executable, "-m", "peers", self.model]
+        args += ["--host-maddrs", LOOPBACK, "--ready-file", str(ready)]
         if span is not None:
             args += ["--blocks", f"{span[0]}:{span[1]}"]
-        args += ["--initial-peers", *self.initial_peers] if self.peers else ["--new-swarm"]
+        args += ["--initial-peers", *self.initial_peers] if self.initial_peers else ["--new-swarm"]
         if self.threads_per_peer:
             args += ["--num-threads", str(self.threads_per_peer)]
         args += self.extra_args + list(extra_args or [])

@@ -17,8 +17,16 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -c "import torch" || { echo "[setup] torch failed to install"; exit 1; }
 fi
+# The monitor's browser test drives Debian's Chromium through ChromeDriver (selenium, a dev extra).
+if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null; then
+    echo "[setup] installing chromium and chromium-driver (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q chromium chromium-driver; } >/dev/null \
+        || echo "[setup] warning: could not install chromium; the browser test will fail"
+fi
 echo "[setup] installing blockswarm and its dependencies"
 "${PIP[@]}" install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import blocks.quantization, dht, peers, swarm, hivemind, transformers, pytest" \
+.venv/bin/python -c "import blocks.quantization, dht, peers, swarm, privacy, hivemind, transformers, pytest" \
     || { echo "[setup] installation is incomplete"; exit 1; }
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers, hivemind; print(f"torch {torch.__version__}, transformers {transformers.__version__}, hivemind {hivemind.__version__}")')"

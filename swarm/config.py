@@ -17,8 +17,13 @@ class ClientConfig:
     discovery_timeout: float = 30.0  # seconds to wait until the DHT shows every block served
     wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to peers
     max_message_bytes: int = 256 * 1024**2  # refuse larger answers from a peer
+    push: bool = True  # peers push each step's output straight to the next peer (False: the client relays it)
+    push_grace: float = 1.0  # seconds to wait for a pushed step's answer before sending the step directly
     max_prefill_tokens: int = 512  # a longer prompt is sent to a session in chunks of this many tokens
     snapshot_ttl: float = 10.0  # seconds a view of the swarm is reused before asking the DHT again
+    refresh_period: float = 5.0  # background refresh of the swarm view and RTT probes every this many s; 0: off
+    probe_timeout: float = 2.0  # seconds a background RTT probe to one peer may take
+    max_probes: int = 64  # peers probed per background refresh (the least recently measured first)
     allowed_peers: list[str] | None = None  # peer IDs (base58) the client may route through; None: any peer
     blocked_peers: list[str] = field(default_factory=list)  # peer IDs never used, e.g. ones you do not trust
     default_rtt: float = 0.005  # assumed round trip (s) to a peer not measured yet, for latency routing
@@ -32,7 +37,7 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {self.wire_dtype}")
-        for name in ("connect_timeout", "request_timeout", "discovery_timeout", "snapshot_ttl"):
+        for name in ("connect_timeout", "request_timeout", "discovery_timeout", "snapshot_ttl", "push_grace"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         for peer in [*(self.allowed_peers or []), *self.blocked_peers]:
@@ -40,5 +45,7 @@ class ClientConfig:
                 PeerID.from_base58(peer)
             except Exception:
                 raise ValueError(f"{peer!r} is not a peer ID (base58, as in the peer's /p2p/ multiaddr)") from None
+        if self.refresh_period < 0 or self.probe_timeout <= 0 or self.max_probes < 0:
+            raise ValueError("refresh_period and max_probes must be >= 0, probe_timeout > 0")
         if self.max_prefill_tokens < 1 or self.max_message_bytes < 1:
             raise ValueError("max_prefill_tokens and max_message_bytes must be >= 1")

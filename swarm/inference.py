@@ -38,6 +38,7 @@ class InferenceSession:
         self._history: list[torch.Tensor | None] = []
         self._closed = False
         self.failovers = 0
+        self._step_number = 0  # numbers the steps sent with push chains
         self.token_ids: torch.Tensor | None = None  # tokens of the session so far (set by the model)
 
     @property
@@ -111,11 +112,34 @@ class InferenceSession:
         return torch.cat(outputs, dim=1).to(hidden.dtype)
 
     async def _step_all(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """One step through every span. With push, the client sends the step to the first peer only, naming the
+        peers after it; each peer pushes its output straight into the next one's session and also returns it to
+        the client, which keeps it as that next span's history (for failover) and waits for the next answer. If a
+        pushed answer is late, the client sends the step itself (the peer computes a step only once); if a peer
+        fails, its span is replaced and the rest of the step is relayed by the client."""
+        push = self.sequence.config.push and len(self._streams) > 1
+        if push:
+            self._step_number += 1
+        step = self._step_number
         failures = 0
+        direct = True  # the client sends stream i its input (else it should arrive pushed)
+        relay_rest = False  # after a failover: no more pushes in this step (replacements were not named to anyone)
         i = 0
         while i < len(self._streams):
+            stream = self._streams[i]
             try:
-                output = await self._streams[i].step(hidden, position)
+                if not push:
+                    output = await stream.step(hidden, position)
+                else:
+                    output = None
+                    if not direct:
+                        output = await stream.receive(step, hidden, grace=self.sequence.config.push_grace)
+                        if output is None:
+                            logger.debug(f"push to blocks {stream.uid} is late; sending step {step} directly")
+                    if output is None:
+                        await stream.send(hidden, position, step, [] if relay_rest else self._push_chain(i + 1))
+                        output = await stream.receive(step, hidden)
+                    direct = relay_rest or not self._push_chain(i + 1)
             except PeerError as e:
                 error = e
                 while True:  # a replacement may fail too, even while replaying
@@ -127,13 +151,22 @@ class InferenceSession:
                         break
                     except PeerError as replacement_error:
                         error = replacement_error
+                # The rest of this step goes through the client, still numbered: a peer after the failed one may
+                # have had the step pushed already and must not compute it twice.
+                relay_rest, direct = True, True
                 continue  # the same input, now to the replacement
             self._remember(i, hidden, position)
-            self.sequence.succeeded(self._streams[i].peer_id)
-            self.sequence.observe_rtt(self._streams[i].peer_id, self._streams[i].last_rtt)
+            self.sequence.succeeded(stream.peer_id)
+            if not push:  # pushed answers include the upstream's time: not a round trip to this peer
+                self.sequence.observe_rtt(stream.peer_id, stream.last_rtt)
             hidden = output
             i += 1
         return hidden
+
+    def _push_chain(self, start: int) -> list[list[str]]:
+        """[peer ID, push token] of streams start, start+1, ...; empty if one of them cannot take pushes."""
+        chain = [[s.peer_id.to_base58(), s.push_token] for s in self._streams[start:]]
+        return [] if any(token is None for _, token in chain) else chain
 
     def _remember(self, i: int, hidden: torch.Tensor, position: int) -> None:
         # One buffer of max_length tokens per stream, written in place: no per-token copy of the whole history.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import threading
 import time
 
 import torch
@@ -23,7 +25,7 @@ from swarm.routing import (
     min_latency_route,
     throughput_weighted_route,
 )
-from swarm.transport import LoopThread, PeerError, call_forward
+from swarm.transport import LoopThread, PeerError, call_forward, call_info
 
 logger = logging.getLogger(__name__)
 RTT_SMOOTHING = 0.2  # weight of a new round-trip sample in the moving average
@@ -49,17 +51,55 @@ class RemoteSequence:
         self._blocked = {PeerID.from_base58(p) for p in config.blocked_peers}
         self._failures: dict[PeerID, int] = {}
         self._rtt: dict[PeerID, float] = {}
+        self._rtt_time: dict[PeerID, float] = {}  # when each peer's RTT was last measured (monotonic)
         self.rng = random.Random()  # picks among replicas for throughput-weighted routes
         self._banned_until: dict[PeerID, float] = {}
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        if config.refresh_period > 0:
+            self._refresher = threading.Thread(target=self._refresh_loop, name="blockswarm-refresh", daemon=True)
+            self._refresher.start()
 
     # ---- discovery ----
 
     def snapshot(self, refresh: bool = False) -> SwarmSnapshot:
+        """The latest view of the swarm; kept fresh by the background refresh, or fetched when it is too old."""
         if refresh or self._snapshot is None or time.monotonic() - self._snapshot_time > self.config.snapshot_ttl:
             servers = fetch_block_servers(self.dht, self.prefix, range(self.num_blocks))
             self._snapshot = SwarmSnapshot.from_servers(self.num_blocks, servers)
             self._snapshot_time = time.monotonic()
         return self._snapshot
+
+    def _refresh_loop(self) -> None:
+        """Re-read the DHT and probe peers' round trips in the background, so that a route is planned on a current
+        view with measured latencies, without a DHT lookup on the generation path."""
+        while not self._stop.wait(self.config.refresh_period):
+            try:
+                snapshot = self.snapshot(refresh=True)
+                self.probe_rtts(list(snapshot.peers))
+            except Exception as e:  # the next round tries again; routes fall back to a lazy lookup meanwhile
+                logger.debug(f"background refresh failed: {e}")
+
+    def probe_rtts(self, peers: list[PeerID]) -> None:
+        """Measure the round trip to the least recently measured peers (an info call each, concurrently)."""
+        if self._stop.is_set():
+            return
+        banned = self.banned()
+        peers = sorted((p for p in peers if p not in banned), key=lambda p: self._rtt_time.get(p, 0.0))
+        peers = peers[: self.config.max_probes]
+        if peers:
+            self.loop.run(self._probe_all(peers), timeout=self.config.probe_timeout + 5)
+
+    async def _probe_all(self, peers: list[PeerID]) -> None:
+        await asyncio.gather(*(self._probe(p) for p in peers))
+
+    async def _probe(self, peer_id: PeerID) -> None:
+        began = time.perf_counter()
+        try:
+            await call_info(self.p2p, peer_id, self.config.probe_timeout)
+        except PeerError:
+            return  # a peer that does not answer a probe is left to the failover path, which sees real failures
+        self.observe_rtt(peer_id, time.perf_counter() - began)
 
     # ---- peers that failed ----
 
@@ -88,6 +128,7 @@ class RemoteSequence:
         """Fold a measured network round trip to a peer into its moving average (used by latency routing)."""
         previous = self._rtt.get(peer_id)
         self._rtt[peer_id] = seconds if previous is None else (1 - RTT_SMOOTHING) * previous + RTT_SMOOTHING * seconds
+        self._rtt_time[peer_id] = time.monotonic()
 
     def rtt(self) -> dict[PeerID, float]:
         return dict(self._rtt)
@@ -172,6 +213,9 @@ class RemoteSequence:
         return wire.to(hidden.dtype)
 
     def shutdown(self) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=self.config.probe_timeout + 10)
         try:
             self.loop.run(self.p2p.shutdown(), timeout=5)
         except Exception:

@@ -22,6 +22,7 @@ from peers.protocol import (
     INFO_HANDLER,
     ProtocolError,
     RemoteError,
+    check_push_token,
     decode_metadata,
     decode_tensor,
     make_request,
@@ -76,8 +77,10 @@ class InferenceStream:
         self.max_bytes, self.timeout = max_bytes, timeout
         self.max_numel = max_bytes // 2  # elements of the smallest wire dtype that fit in max_bytes
         self.last_rtt = 0.0  # network part of the last step's round trip (s)
+        self.push_token: str | None = None  # lets the previous peer of a route push steps into this session
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._pending: asyncio.Task | None = None  # a reply being read (kept across a grace wait, never cancelled)
 
     async def open(self, max_length: int, batch: int, connect_timeout: float) -> None:
         try:
@@ -85,7 +88,9 @@ class InferenceStream:
                 self.p2p.call_binary_stream_handler(self.peer_id, INFERENCE_HANDLER), connect_timeout
             )
             await send_message(make_request([], {"max_length": max_length, "batch": batch}, uid=self.uid), self._writer)
-            await self._receive(connect_timeout)
+            opened = decode_metadata((await self._receive(connect_timeout)).metadata)
+            if opened.get("push_token") is not None:
+                self.push_token = check_push_token(opened["push_token"])
         except Exception as e:
             await self.close()
             raise _as_peer_error(self.peer_id, e) from e
@@ -112,6 +117,43 @@ class InferenceStream:
                 raise _as_peer_error(self.peer_id, e) from e
             raise
 
+    async def send(self, hidden: torch.Tensor, position: int, step: int, push: list[list[str]]) -> None:
+        """Send step `step` (numbered, so a peer that also got it pushed computes it once), naming the peers its
+        output should be pushed to next."""
+        if self._writer is None:
+            raise PeerError(self.peer_id, "the session with this peer is closed")
+        try:
+            await send_message(make_request([hidden], {"position": position, "step": step, "push": push}), self._writer)
+        except BaseException as e:
+            await self.close()
+            if isinstance(e, Exception):
+                raise _as_peer_error(self.peer_id, e) from e
+            raise
+
+    async def receive(self, step: int, like: torch.Tensor, grace: float | None = None) -> torch.Tensor | None:
+        """The output of step `step`. With `grace`, returns None if it has not come within `grace` seconds; the
+        reply keeps being read in the background and a later call gets it."""
+        if self._writer is None:
+            raise PeerError(self.peer_id, "the session with this peer is closed")
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._receive(self.timeout))
+        if grace is not None:
+            done, _ = await asyncio.wait({self._pending}, timeout=grace)
+            if not done:
+                return None
+        task, self._pending = self._pending, None
+        try:
+            response = await task
+            meta = decode_metadata(response.metadata)
+            if meta.get("step") != step:
+                raise ProtocolError(f"expected the answer to step {step}, got one to step {meta.get('step')!r}")
+            return _check_output(response, like, self.max_numel)
+        except BaseException as e:
+            await self.close()
+            if isinstance(e, Exception):
+                raise _as_peer_error(self.peer_id, e) from e
+            raise
+
     async def _receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
         async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per step
             response = await receive_message(self._reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes)
@@ -120,6 +162,9 @@ class InferenceStream:
         return response
 
     async def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -128,3 +128,32 @@ def test_restarted_peer_with_same_identity_is_used_again_after_its_ban(tmp_path,
         if model is not None:
             model.shutdown()
         swarm.stop()
+
+
+def test_background_refresh_finds_new_peers_and_measures_their_rtt(replicated, llama_ckpt):
+    swarm, _ = replicated
+    # Earlier tests killed peers, maybe the first one: join through one that is alive.
+    swarm.bootstrap = next(p for p in swarm.peers if p.process.poll() is None).info["maddrs"]
+    # A view that never expires by itself: only the background refresh can bring in the new peer.
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        llama_ckpt, initial_peers=swarm.initial_peers, snapshot_ttl=1e6, refresh_period=0.3
+    )
+    try:
+        sequence = model.model.sequence
+        before = set(sequence.snapshot().peers)
+        newcomer = swarm.start_peer((2, 4), extra_args=["--log-level", "WARNING"], name="newcomer")
+        new_id = PeerID.from_base58(newcomer.info["peer_id"])
+        assert new_id not in before
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (new_id in sequence.snapshot().peers and new_id in sequence.rtt()):
+            time.sleep(0.1)
+        assert new_id in sequence.snapshot().peers, "the background refresh did not pick up the new peer"
+        # Every live peer was probed without any generation: latency routing has measurements from the start.
+        live = {PeerID.from_base58(p.info["peer_id"]) for p in swarm.peers if p.process.poll() is None}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not live <= set(sequence.rtt()):
+            time.sleep(0.1)
+        assert live <= set(sequence.rtt()), "some peers were never probed"
+        assert all(0 < rtt < 1.0 for rtt in sequence.rtt().values())
+    finally:
+        model.shutdown()

@@ -9,7 +9,13 @@ import pytest
 from hivemind.p2p import PeerID
 
 from dht.records import BlockServer, ServerRecord
-from peers.placement import choose_span, coverage
+from peers.placement import (
+    choose_span,
+    coverage,
+    effective_throughputs,
+    plan_move,
+    throughput_coverage,
+)
 from swarm.routing import (
     NoRouteError,
     PeerSpan,
@@ -415,3 +421,60 @@ def test_throughput_weighted_route_spreads_load_by_throughput():
     assert abs(picks.count(A) / len(picks) - 0.75) < 0.03
     with pytest.raises(NoRouteError):
         throughput_weighted_route(snap, 0, 4, rng=rng, exclude={A, B})
+
+
+# ---- rebalancing (pure) ----
+
+
+def test_throughput_coverage_and_effective_throughputs():
+    assert throughput_coverage(4, [(0, 2, 10.0), (1, 4, 5.0)]) == [10.0, 15.0, 5.0, 5.0]
+    assert effective_throughputs([0.0, 10.0, 30.0, 20.0]) == [20.0, 10.0, 30.0, 20.0]
+    assert effective_throughputs([0.0, 0.0]) == [1.0, 1.0]
+
+
+def test_choose_span_goes_where_throughput_is_weakest():
+    # blocks 0-3 are served by a fast peer, 4-7 by a slow one: a new peer helps the slow half
+    cov = throughput_coverage(8, [(0, 4, 100.0), (4, 8, 10.0)])
+    assert choose_span(8, 4, cov, own=50.0) == (4, 8)
+    assert choose_span(8, 2, cov, own=50.0) == (4, 6)
+
+
+def test_plan_move_fills_a_gap_left_by_a_dead_peer():
+    # A serves 0-2, B served 2-4 but died; C (0-2) is not the only holder of its blocks, so it moves to the gap
+    assert plan_move(4, (0, 2), [(0, 2, 10.0)], own=10.0) == (2, 4)
+
+
+def test_plan_move_never_uncovers_a_block():
+    # C is the only server of blocks 0-1: even a large gain elsewhere does not make it leave them
+    assert plan_move(4, (0, 2), [(2, 4, 1.0)], own=100.0) is None
+    assert plan_move(6, (0, 2), [(1, 4, 5.0)], own=5.0) is None  # block 0 only on C
+
+
+def test_plan_move_needs_a_large_enough_gain():
+    others = [(0, 2, 10.0), (2, 4, 10.0)]
+    # C on 0-2: weakest block now 10 (blocks 2-3); after moving to 2-4 the weakest is 10 (blocks 0-1): no gain
+    assert plan_move(4, (0, 2), others, own=10.0) is None
+    # a fast peer on 2-4 and a slow one on 0-2: C on 2-4 should go help blocks 0-1 (weakest 1 -> 11)
+    assert plan_move(4, (2, 4), [(0, 2, 1.0), (2, 4, 100.0)], own=10.0) == (0, 2)
+    # a small gain is not worth a move: weakest 9 now vs 10 after, with balance_quality 0.75
+    assert plan_move(4, (2, 4), [(0, 2, 9.0), (2, 4, 9.5)], own=1.0, balance_quality=0.75) is None
+
+
+def test_plan_move_random_swarms_never_uncover_and_never_worsen():
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randint(2, 10)
+        others = []
+        for _ in range(rng.randint(0, 5)):
+            a = rng.randrange(n)
+            others.append((a, rng.randint(a + 1, n), rng.choice([1.0, 5.0, 20.0])))
+        length = rng.randint(1, n)
+        s = rng.randint(0, n - length)
+        own = rng.choice([1.0, 5.0, 20.0])
+        target = plan_move(n, (s, s + length), others, own)
+        if target is None:
+            continue
+        before = throughput_coverage(n, [*others, (s, s + length, own)])
+        after = throughput_coverage(n, [*others, (*target, own)])
+        assert all(after[b] > 0 for b in range(n) if before[b] > 0), "a move uncovered a block"
+        assert (sum(c <= 0 for c in after), -min(after)) < (sum(c <= 0 for c in before), -min(before))

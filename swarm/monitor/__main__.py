@@ -1,0 +1,3 @@
+from swarm.monitor.cli import monitor_main
+
+monitor_main()
