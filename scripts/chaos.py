@@ -56,7 +56,8 @@ class TokenTimes(BaseStreamer):
 
 
 class Chaos(threading.Thread):
-    """Kills one random peer, waits, restarts it (same identity and span); never two replicas of a span at once."""
+    """Every `period` s kills one random peer whose replicas are all up, and restarts it (same identity and span)
+    `down_time` s later without waiting for it: at most one replica of a span is ever down or starting."""
 
     def __init__(self, swarm: LocalSwarm, slots: list[dict], period: float, down_time: float, seed: int):
         super().__init__(name="chaos", daemon=True)
@@ -65,22 +66,39 @@ class Chaos(threading.Thread):
         self.rng = random.Random(seed)
         self.stop_event = threading.Event()
         self.kills, self.restarts, self.errors = 0, 0, []
+        for slot in slots:
+            slot["state"] = "up"
+
+    def _partners_up(self, slot: dict) -> bool:
+        return all(s["state"] == "up" for s in self.slots if s["span"] == slot["span"] and s is not slot)
 
     def run(self) -> None:
-        while not self.stop_event.wait(self.period):
-            slot = self.rng.choice(self.slots)
-            sig = self.rng.choice([signal.SIGKILL, signal.SIGTERM])
-            peer: PeerProcess = slot["peer"]
-            peer.process.send_signal(sig)
-            peer.process.wait(30)
-            self.kills += 1
-            time.sleep(self.down_time)
-            try:
-                slot["peer"] = self.swarm.start_peer(slot["span"], extra_args=slot["args"], name=slot["name"])
-                self.restarts += 1
-            except SwarmStartError as e:
-                self.errors.append(str(e)[-500:])
-                return
+        next_kill = time.monotonic() + self.period
+        while not self.stop_event.wait(0.05):
+            now = time.monotonic()
+            for slot in self.slots:
+                peer: PeerProcess = slot["peer"]
+                if slot["state"] == "down" and now >= slot["down_since"] + self.down_time:
+                    slot["peer"] = self.swarm.start_peer(slot["span"], extra_args=slot["args"], name=slot["name"],
+                                                         wait=False)  # fmt: skip
+                    slot["state"] = "starting"
+                elif slot["state"] == "starting" and peer.ready_file.exists():
+                    self.swarm.wait_ready(peer)
+                    slot["state"] = "up"
+                    self.restarts += 1
+                elif slot["state"] == "starting" and peer.process.poll() is not None:
+                    self.errors.append(f"{slot['name']} exited with {peer.process.returncode} while starting")
+                    slot["state"], slot["down_since"] = "down", now
+            if now < next_kill:
+                continue
+            candidates = [s for s in self.slots if s["state"] == "up" and self._partners_up(s)]
+            if candidates:
+                slot = self.rng.choice(candidates)
+                slot["peer"].process.send_signal(self.rng.choice([signal.SIGKILL, signal.SIGTERM]))
+                slot["peer"].process.wait(30)
+                slot["state"], slot["down_since"] = "down", time.monotonic()
+                self.kills += 1
+            next_kill = time.monotonic() + self.period
 
 
 def start_bootstrap(workdir: Path) -> tuple[subprocess.Popen, list[str]]:
@@ -109,7 +127,7 @@ def main() -> None:
     parser.add_argument("--model", default="bench-small", choices=sorted(PRESETS))
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=4, help="sessions running at the same time")
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--spans", type=int, default=2, help="the model is split into this many spans")
     parser.add_argument("--kill-period", type=float, default=1.0, help="seconds between a restart and the next kill")
     parser.add_argument("--down-time", type=float, default=0.5, help="seconds a killed peer stays down")
