@@ -64,6 +64,15 @@ class PeerConfig(DhtNodeConfig):
     max_sessions: int = _opt("max concurrent inference sessions", default=64)
     max_forward_tokens: int = _opt("max batch x length of one whole-sequence forward", default=65536)
     max_message_bytes: int = _opt("max size of one request message", default=256 * 1024**2)
+    max_backward_tokens: int = _opt("max batch x length of one backward (training) request", default=16384)
+    max_lora_rank: int = _opt("max rank of client-sent LoRA adapters", default=64)
+    max_prompt_length: int = _opt("max length of client-sent deep prompts", default=256)
+    max_held_tokens: int = _opt(
+        "max tokens (summed over training calls) whose autograd graphs are kept between a forward and its backward; "
+        "beyond it, clients fall back to the backward call that recomputes the forward",
+        default=16384,
+    )
+    train_hold_timeout: float = _opt("seconds a training call's graph is kept waiting for its gradient", default=60.0)
     session_idle_timeout: float = _opt("close a session idle for this many seconds", default=600.0)
     announce_period: float = _opt("seconds between DHT record refreshes", default=30.0)
     record_ttl: float = _opt("seconds a DHT record stays valid without refresh", default=90.0)
@@ -105,12 +114,17 @@ class PeerConfig(DhtNodeConfig):
             "max_sessions",
             "max_forward_tokens",
             "max_message_bytes",
+            "max_backward_tokens",
+            "max_lora_rank",
+            "max_prompt_length",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.inline_compute_tokens < 0 or self.num_threads < 0:
             raise ConfigError("--inline-compute-tokens and --num-threads must be >= 0")
-        for name in ("session_idle_timeout", "announce_period", "record_ttl"):
+        if self.max_held_tokens < 0:
+            raise ConfigError("--max-held-tokens must be >= 0")
+        for name in ("session_idle_timeout", "announce_period", "record_ttl", "train_hold_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.record_ttl <= self.announce_period:

@@ -1,4 +1,7 @@
-"""The peer's RPC handlers: a bidirectional inference stream per session, a whole-sequence forward, an info call.
+"""The peer's RPC handlers: a bidirectional inference stream per session, a whole-sequence forward, an info call,
+and for training through the swarm a stateless backward (recomputes the forward) and a train call (a forward and
+its backward on one stream, the autograd graph held only while that call is open). Forward, backward and train
+requests may carry the client's deep prompts and LoRA tensors (blocks.adapters), checked by peers.validation.
 
 One computation runs at a time. Small steps (decoding) run right on the event loop, where a thread hand-off would
 cost more than the step; larger ones run on a dedicated compute thread so the loop keeps reading requests and
@@ -9,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,13 +25,16 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
+from blocks.adapters import linear_module, run_span
 from blocks.span import BlockSpan
 from peers.protocol import (
+    BACKWARD_HANDLER,
     FORWARD_HANDLER,
     INFERENCE_HANDLER,
     INFO_HANDLER,
     PROTOCOL_VERSION,
     PUSH_HANDLER,
+    TRAIN_HANDLER,
     ProtocolError,
     RemoteError,
     decode_metadata,
@@ -42,7 +50,15 @@ from peers.protocol import (
     send_message,
 )
 from peers.sessions import CacheBudget, PeerSession
-from peers.validation import Limits, check_forward_size, check_hidden, parse_span_uid
+from peers.validation import (
+    Limits,
+    check_backward_size,
+    check_forward_size,
+    check_hidden,
+    check_trainables,
+    get_lora_scale,
+    parse_span_uid,
+)
 
 logger = logging.getLogger(__name__)
 ERROR_DRAIN_SECONDS = 2.0  # after an error, how long to read (and drop) what the client is still sending
@@ -72,11 +88,16 @@ class BlockService:
         self.stats = {
             "inference_steps": 0,
             "forward_calls": 0,
+            "backward_calls": 0,
+            "held_backward_calls": 0,  # backward calls answered from a held graph (no recomputation)
             "errors": 0,
             "tokens_processed": 0,
             "compute_seconds": 0.0,
             "pushes": 0,
         }
+        # tokens whose activations each block saw (any request kind): lets a client audit its exposure
+        self.block_tokens: dict[int, int] = {}
+        self._held_tokens = 0  # tokens of autograd graphs held by open train calls
         self._p2p: P2P | None = None
         self.generation = 0  # bumped when the peer moves to other blocks: sessions opened before must end
         self._inboxes: dict[str, asyncio.Queue] = {}  # push token -> the session's queue of requests
@@ -107,6 +128,8 @@ class BlockService:
         self._p2p = p2p
         await p2p.add_binary_stream_handler(INFERENCE_HANDLER, self._handle_inference)
         await p2p.add_binary_stream_handler(FORWARD_HANDLER, self._handle_forward)
+        await p2p.add_binary_stream_handler(BACKWARD_HANDLER, self._handle_backward)
+        await p2p.add_binary_stream_handler(TRAIN_HANDLER, self._handle_train)
         await p2p.add_protobuf_handler(INFO_HANDLER, self._handle_info, runtime_pb2.ExpertUID)
         await p2p.add_binary_stream_handler(PUSH_HANDLER, self._handle_push)
 
@@ -115,7 +138,7 @@ class BlockService:
             writer.close()
         self._push_streams.clear()
         if self._p2p is not None:
-            for name in (INFERENCE_HANDLER, FORWARD_HANDLER, PUSH_HANDLER):
+            for name in (INFERENCE_HANDLER, FORWARD_HANDLER, BACKWARD_HANDLER, TRAIN_HANDLER, PUSH_HANDLER):
                 await self._p2p.remove_binary_stream_handler(name)
             await self._p2p.remove_protobuf_handler(INFO_HANDLER)
             await self._p2p.shutdown()  # a replica: closes our connection to the daemon, not the daemon
@@ -123,35 +146,86 @@ class BlockService:
 
     # ---- compute (runs on the compute thread) ----
 
-    def _run(self, hidden: torch.Tensor, session: PeerSession | None, start: int, end: int) -> torch.Tensor:
+    def _timed(self, fn: Callable[[], Any]) -> Any:
         began = time.perf_counter()
         try:
-            return self._run_blocks(hidden, session, start, end)
+            return fn()
         finally:
             self.stats["compute_seconds"] += time.perf_counter() - began
 
-    def _run_blocks(self, hidden: torch.Tensor, session: PeerSession | None, start: int, end: int):
+    def _run_blocks(
+        self,
+        hidden: torch.Tensor,
+        session: PeerSession | None,
+        start: int,
+        end: int,
+        tensors: dict[str, torch.Tensor] | None = None,
+        lora_scale: float = 1.0,
+    ) -> torch.Tensor:
         wire_dtype = hidden.dtype
         with torch.inference_mode():
             x = hidden.to(self.device, self.span.dtype)
             if session is None:
-                out = self.span(x, None, 0, start, end)
+                tensors = {n: t.to(self.device, self.span.dtype) for n, t in (tensors or {}).items()}
+                out = run_span(self.span, x, start, end, tensors, lora_scale)
             else:
                 out = self.span(x, session.cache, session.position, start, end)
                 session.position += hidden.shape[1]
             return out.to("cpu", wire_dtype)
 
-    async def _compute(
-        self, hidden: torch.Tensor, session: PeerSession | None, start: int, end: int, generation: int
-    ) -> torch.Tensor:
+    def _forward_graph(
+        self, hidden: torch.Tensor, start: int, end: int, tensors: dict[str, torch.Tensor], lora_scale: float
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Blocks [start, end) with autograd: (leaves [input, *client tensors], output)."""
+        with torch.enable_grad():
+            x = hidden.to(self.device, self.span.dtype).requires_grad_(True)
+            inputs = [t.to(self.device, self.span.dtype).requires_grad_(True) for t in tensors.values()]
+            out = run_span(self.span, x, start, end, dict(zip(tensors, inputs, strict=True)), lora_scale)
+        return [x, *inputs], out
+
+    @staticmethod
+    def _grads(leaves: list[torch.Tensor], out: torch.Tensor, grad_out: torch.Tensor, wire: torch.dtype) -> list:
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True)
+        return [(torch.zeros_like(v) if g is None else g).to("cpu", wire) for g, v in zip(grads, leaves, strict=True)]
+
+    def _run_backward(
+        self,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        start: int,
+        end: int,
+        tensors: dict[str, torch.Tensor],
+        lora_scale: float,
+    ) -> list[torch.Tensor]:
+        """Recompute blocks [start, end) with autograd (nothing was kept from the forward) and return the gradients
+        w.r.t. the input hidden states and each client tensor, in the order received."""
+        leaves, out = self._forward_graph(hidden, start, end, tensors, lora_scale)
+        return self._grads(leaves, out, grad_out, hidden.dtype)
+
+    async def _locked(self, fn: Callable[[], Any], tokens: int, generation: int) -> Any:
         async with self._compute_lock:  # one computation at a time, wherever it runs
             self._check_serving(generation)  # the blocks may have changed while this request waited
-            if hidden.shape[0] * hidden.shape[1] <= self.inline_compute_tokens:
+            if tokens <= self.inline_compute_tokens:
                 # A decode step takes about a millisecond: handing it to another thread and back costs two
                 # thread wake-ups, a large share of a step on a busy machine, for no gain.
-                return self._run(hidden, session, start, end)
+                return self._timed(fn)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self._run, hidden, session, start, end)
+            return await loop.run_in_executor(self.executor, self._timed, fn)
+
+    async def _compute(
+        self, hidden: torch.Tensor, session: PeerSession | None, start: int, end: int, generation: int, **kw: Any
+    ) -> torch.Tensor:
+        fn = functools.partial(self._run_blocks, hidden, session, start, end, **kw)
+        return await self._locked(fn, hidden.shape[0] * hidden.shape[1], generation)
+
+    def _count_call(self, kind: str, start: int, end: int, tokens: int) -> None:
+        self.stats[kind] += 1
+        self._count_tokens(start, end, tokens)
+
+    def _count_tokens(self, start: int, end: int, tokens: int) -> None:
+        self.stats["tokens_processed"] += tokens
+        for block in range(start, end):
+            self.block_tokens[block] = self.block_tokens.get(block, 0) + tokens
 
     # ---- handlers ----
 
@@ -162,6 +236,7 @@ class BlockService:
             cache_tokens_left=self.budget.tokens_left,
             sessions=self.budget.sessions,
             stats=dict(self.stats),
+            block_tokens={str(b): n for b, n in sorted(self.block_tokens.items())},
         )
         return runtime_pb2.ExpertInfo(serialized_info=encode_metadata(info))
 
@@ -171,10 +246,122 @@ class BlockService:
         hidden = decode_tensor(request.tensors[0], max_numel=self.limits.max_numel)
         return check_hidden(hidden, self.limits, batch=batch)
 
+    def _read_trainables(
+        self, request: runtime_pb2.ExpertRequest, fixed: int, hidden: torch.Tensor, start: int, end: int
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """The client's deep prompts / LoRA tensors after the first `fixed` tensors, checked against this span."""
+        meta = decode_metadata(request.metadata)
+        extra = [decode_tensor(t, max_numel=self.limits.max_numel) for t in request.tensors[fixed:]]
+        names = meta.get("names", [])
+        tensors = check_trainables(names, extra, hidden, start, end, self.limits, self._linear_shape)
+        return tensors, get_lora_scale(meta)
+
+    def _read_forward(
+        self, request: runtime_pb2.ExpertRequest, start: int, end: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """A forward request's hidden states (checked against the forward limits) and client tensors."""
+        if not request.tensors:
+            raise ProtocolError("expected the hidden states as the first tensor")
+        hidden = check_hidden(decode_tensor(request.tensors[0], max_numel=self.limits.max_numel), self.limits)
+        check_forward_size(hidden, self.limits)
+        tensors, scale = self._read_trainables(request, 1, hidden, start, end)
+        return hidden, tensors, scale
+
+    def _linear_shape(self, block: int, module: str) -> tuple[int, int]:
+        linear = linear_module(self.span.layers[block - self.span.start], module)
+        return int(linear.in_features), int(linear.out_features)
+
     async def _handle_forward(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """One request (span uid + hidden states) -> one response (output hidden states)."""
+        """One request (span uid + hidden states [+ deep prompts / LoRA tensors named in metadata 'names']) ->
+        one response (output hidden states)."""
+
+        async def serve(request: runtime_pb2.ExpertRequest, start: int, end: int, generation: int) -> list:
+            hidden, tensors, scale = self._read_forward(request, start, end)
+            output = await self._compute(hidden, None, start, end, generation, tensors=tensors, lora_scale=scale)
+            self._count_call("forward_calls", start, end, hidden.shape[0] * hidden.shape[1])
+            return [output]
+
+        await self._serve_once("forward", serve, stream_info, reader, writer)
+
+    async def _handle_backward(
+        self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One request (span uid; tensors: the span's input hidden states, the gradient w.r.t. its output, then
+        the client's named deep prompts / LoRA tensors) -> gradients w.r.t. the input and each client tensor.
+        Nothing is kept between calls: the forward is recomputed here."""
+
+        async def serve(request: runtime_pb2.ExpertRequest, start: int, end: int, generation: int) -> list:
+            if len(request.tensors) < 2:
+                raise ProtocolError("expected the hidden states and the output gradient as the first two tensors")
+            hidden, grad = (decode_tensor(t, max_numel=self.limits.max_numel) for t in request.tensors[:2])
+            check_hidden(hidden, self.limits)
+            check_backward_size(hidden, grad, self.limits)
+            tensors, scale = self._read_trainables(request, 2, hidden, start, end)
+            fn = functools.partial(self._run_backward, hidden, grad, start, end, tensors, scale)
+            tokens = hidden.shape[0] * hidden.shape[1]
+            grads = await self._locked(fn, self.inline_compute_tokens + 1, generation)  # always on the compute thread
+            self._count_call("backward_calls", start, end, tokens)
+            return grads
+
+        await self._serve_once("backward", serve, stream_info, reader, writer)
+
+    async def _handle_train(
+        self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A forward and its backward in one call: the request is a forward request; the answer is the output and
+        metadata 'held'. If held, the peer keeps the autograd graph, for this stream only, until the client sends
+        the output gradient (one tensor) or closes the stream, or for at most --train-hold-timeout seconds; the
+        answer to the gradient is the backward's (input gradient, client tensor gradients). This saves the
+        backward's recomputation. Graphs are held for at most --max-held-tokens tokens over all streams; beyond
+        that, the answer has held=False and the client uses the stateless backward call."""
+        held_tokens = 0
+
+        async def serve(request: runtime_pb2.ExpertRequest, start: int, end: int, generation: int) -> list:
+            nonlocal held_tokens
+            hidden, tensors, scale = self._read_forward(request, start, end)
+            tokens = hidden.shape[0] * hidden.shape[1]
+            if tokens > self.limits.max_backward_tokens or self._held_tokens + tokens > self.limits.max_held_tokens:
+                output = await self._compute(hidden, None, start, end, generation, tensors=tensors, lora_scale=scale)
+                self._count_call("forward_calls", start, end, tokens)
+                await send_message(make_response([output], {"held": False}), writer)
+                return []
+            self._held_tokens += tokens
+            held_tokens = tokens
+            fn = functools.partial(self._forward_graph, hidden, start, end, tensors, scale)
+            leaves, out = await self._locked(fn, self.inline_compute_tokens + 1, generation)
+            self._count_call("forward_calls", start, end, tokens)
+            await send_message(make_response([out.detach().to("cpu", hidden.dtype)], {"held": True}), writer)
+            async with asyncio.timeout(self.limits.train_hold_timeout):
+                second = await receive_message(
+                    reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes
+                )
+            if second is None:
+                return []  # the client needed no backward: the graph is dropped
+            if len(second.tensors) != 1:
+                raise ProtocolError("expected exactly 1 tensor (the output gradient)")
+            grad = decode_tensor(second.tensors[0], max_numel=self.limits.max_numel)
+            check_backward_size(hidden, grad, self.limits)
+            fn = functools.partial(self._grads, leaves, out, grad, hidden.dtype)
+            grads = await self._locked(fn, self.inline_compute_tokens + 1, generation)
+            self._count_call("held_backward_calls", start, end, tokens)
+            return grads
+
+        try:
+            await self._serve_once("train", serve, stream_info, reader, writer)
+        finally:
+            self._held_tokens -= held_tokens
+
+    async def _serve_once(
+        self,
+        kind: str,
+        serve: Callable[..., Any],
+        stream_info: StreamInfo,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Read one request, answer it with `serve`'s tensors (none: `serve` answered) or with an error, close."""
         try:
             request = await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes)
             if request is None:
@@ -182,19 +369,21 @@ class BlockService:
             self._check_serving()
             generation = self.generation
             start, end = parse_span_uid(request.uid, self.limits)
-            hidden = self._read_hidden(request)
-            check_forward_size(hidden, self.limits)
-            output = await self._compute(hidden, None, start, end, generation)
-            self.stats["forward_calls"] += 1
-            self.stats["tokens_processed"] += hidden.shape[0] * hidden.shape[1]
-            await send_message(make_response([output], {}), writer)
+            outputs = await serve(request, start, end, generation)
+            if outputs:
+                await send_message(make_response(outputs, {}), writer)
         except (ProtocolError, RemoteError) as e:
             self.stats["errors"] += 1
-            logger.info(f"forward from {_short(stream_info.peer_id)} rejected: {e}")
+            logger.info(f"{kind} from {_short(stream_info.peer_id)} rejected: {e}")
             await _try_send_error(str(e), writer, reader)
+        except TimeoutError:
+            logger.info(f"{kind} from {_short(stream_info.peer_id)}: no gradient within the hold timeout")
+            await _try_send_error("no output gradient within the hold timeout: the graph was dropped", writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            logger.debug(f"{kind} from {_short(stream_info.peer_id)}: connection lost")
         except Exception as e:
             self.stats["errors"] += 1
-            logger.exception(f"forward from {_short(stream_info.peer_id)} failed")
+            logger.exception(f"{kind} from {_short(stream_info.peer_id)} failed")
             await _try_send_error(f"internal error: {type(e).__name__}: {e}", writer)
         finally:
             writer.close()
@@ -295,7 +484,7 @@ class BlockService:
             output = await self._compute(hidden, session, session.start, session.end, generation)
             compute_s = time.perf_counter() - began
             self.stats["inference_steps"] += 1
-            self.stats["tokens_processed"] += hidden.shape[0] * hidden.shape[1]
+            self._count_tokens(session.start, session.end, hidden.shape[0] * hidden.shape[1])
             encoded = encode_tensor(output)  # once, for the next peer and for the client
             if chain:
                 await self._push(chain, encoded, position, step)

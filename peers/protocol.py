@@ -22,6 +22,8 @@ from hivemind.proto.p2pd_pb2 import RPCError
 PROTOCOL_VERSION = 1
 INFERENCE_HANDLER = "blockswarm.v1.inference"
 FORWARD_HANDLER = "blockswarm.v1.forward"
+BACKWARD_HANDLER = "blockswarm.v1.backward"  # stateless: recomputes the span's forward with autograd
+TRAIN_HANDLER = "blockswarm.v1.train"  # a forward and its backward on one stream, the graph held in between
 INFO_HANDLER = "blockswarm.v1.info"
 PUSH_HANDLER = "blockswarm.v1.push"  # peer-to-peer: a step's output pushed straight into the next peer's session
 MAX_PUSH_HOPS = 256  # longest chain of next peers one step may name

@@ -31,7 +31,7 @@ from peers.config import ConfigError, DhtConfig, DhtNodeConfig, PeerConfig, pars
 from peers.handlers import BlockService
 from peers.placement import choose_span, effective_throughputs, plan_move, throughput_coverage
 from peers.sessions import CacheBudget
-from peers.throughput import cached_throughput, measure_decode_throughput, throughput_cache_key
+from peers.throughput import cached_throughput, measure_decode_throughput, throughput_cache_key, warm_up
 from peers.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,9 @@ async def serve_peer(config: PeerConfig) -> None:
         span = await loop.run_in_executor(
             None, lambda: load_span(ckpt, start, end, dtype, config.quant, device, progress=True, on_block=check_stop)
         )
+        # One forward first: bitsandbytes re-packs quantized weights on their first CPU forward, and the weight
+        # memory reported below should be what the peer serves with, whether or not throughput is measured.
+        await loop.run_in_executor(None, warm_up, span)
         key = throughput_cache_key(span, model_name_of(config.model), config.quant, config.num_threads)
         throughput = await loop.run_in_executor(
             None, cached_throughput, config.throughput_cache, key, lambda: measure_decode_throughput(span)
@@ -192,6 +195,11 @@ async def serve_peer(config: PeerConfig) -> None:
             config.max_batch,
             config.max_forward_tokens,
             config.max_message_bytes,
+            config.max_backward_tokens,
+            config.max_lora_rank,
+            config.max_prompt_length,
+            config.max_held_tokens,
+            config.train_hold_timeout,
         )
         info = dict(
             model=model_name_of(config.model),

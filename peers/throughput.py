@@ -19,6 +19,13 @@ from blocks.span import BlockSpan
 logger = logging.getLogger(__name__)
 
 
+def warm_up(span: BlockSpan, tokens: int = 2) -> None:
+    """Run the span once on a few tokens (first-call allocations, lazy re-packing of quantized weights)."""
+    device = next(span.parameters()).device
+    with torch.inference_mode():
+        span(torch.zeros(1, tokens, span.hidden_size, device=device, dtype=span.dtype), span.new_cache(), 0)
+
+
 def measure_decode_throughput(span: BlockSpan, prefix_tokens: int = 16, steps: int = 8) -> float:
     """Tokens/s of single-token decoding through the whole span after a short prefix (median of `steps`)."""
     device = next(span.parameters()).device

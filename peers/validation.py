@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from blocks.adapters import PROMPTS, parse_lora_name
 from peers.protocol import ProtocolError
+
+MAX_LORA_SCALE = 1e4
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,11 @@ class Limits:
     max_batch: int
     max_forward_tokens: int
     max_message_bytes: int
+    max_backward_tokens: int = 16384
+    max_lora_rank: int = 64
+    max_prompt_length: int = 256
+    max_held_tokens: int = 16384
+    train_hold_timeout: float = 60.0
 
     @property
     def max_numel(self) -> int:
@@ -67,4 +78,113 @@ def check_forward_size(hidden: torch.Tensor, limits: Limits) -> None:
     if b * t > limits.max_forward_tokens:
         raise ProtocolError(
             f"forward of {b}x{t} tokens exceeds this peer's limit of {limits.max_forward_tokens} tokens"
+        )
+
+
+def check_backward_size(hidden: torch.Tensor, grad: torch.Tensor, limits: Limits) -> None:
+    """A backward recomputes the span with autograd: its own (smaller) token limit, and the output gradient must
+    match the input hidden states."""
+    check_forward_size(hidden, limits)
+    if grad.shape != hidden.shape or grad.dtype != hidden.dtype:
+        raise ProtocolError(
+            f"output gradient {list(grad.shape)} {grad.dtype} does not match hidden states "
+            f"{list(hidden.shape)} {hidden.dtype}"
+        )
+    if hidden.shape[0] * hidden.shape[1] > limits.max_backward_tokens:
+        raise ProtocolError(
+            f"backward of {hidden.shape[0]}x{hidden.shape[1]} tokens exceeds this peer's limit of "
+            f"{limits.max_backward_tokens} tokens"
+        )
+    if not torch.isfinite(grad).all():
+        raise ProtocolError("output gradient contains NaN or infinite values")
+
+
+def get_lora_scale(meta: dict[str, Any]) -> float:
+    scale = meta.get("lora_scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ProtocolError("metadata field 'lora_scale' must be a finite number")
+    if abs(scale) > MAX_LORA_SCALE:
+        raise ProtocolError(f"metadata field 'lora_scale'={scale} exceeds {MAX_LORA_SCALE}")
+    return float(scale)
+
+
+def check_trainables(
+    names: Any,
+    tensors: list[torch.Tensor],
+    hidden: torch.Tensor,
+    start: int,
+    end: int,
+    limits: Limits,
+    linear_shape: Callable[[int, str], tuple[int, int]],
+) -> dict[str, torch.Tensor]:
+    """Client-sent deep prompts and LoRA tensors for blocks [start, end) of a request on `hidden`.
+
+    `names` (from metadata) names each tensor; see blocks.adapters for their meaning. Each is either shared
+    (no batch dim) or per example (leading dim = the batch). `linear_shape(block, module)` gives a target
+    module's (in_features, out_features). Returns name -> tensor, in the order sent.
+    """
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ProtocolError("metadata field 'names' must be a list of strings")
+    if len(names) != len(tensors):
+        raise ProtocolError(f"{len(names)} names for {len(tensors)} trainable tensors")
+    if len(set(names)) != len(names):
+        raise ProtocolError("trainable tensor names must be unique")
+    batch, tokens = hidden.shape[0], hidden.shape[1]
+    result: dict[str, torch.Tensor] = {}
+    lora_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in zip(names, tensors, strict=True):
+        if tensor.dtype != hidden.dtype:
+            raise ProtocolError(f"{name[:40]!r}: dtype {tensor.dtype} differs from the hidden states' {hidden.dtype}")
+        if name == PROMPTS:
+            _check_prompts(tensor, batch, tokens, end - start, limits)
+        else:
+            parsed = parse_lora_name(name)
+            if parsed is None:
+                raise ProtocolError(f"unknown trainable tensor {name[:40]!r} (or a LoRA module not allowed)")
+            block, module, part = parsed
+            if not start <= block < end:
+                raise ProtocolError(f"{name}: block {block} is not in the requested blocks [{start}, {end})")
+            lora_parts.setdefault((block, module), {})[part] = tensor
+        if not torch.isfinite(tensor).all():
+            raise ProtocolError(f"{name}: contains NaN or infinite values")
+        result[name] = tensor
+    for (block, module), parts in lora_parts.items():
+        _check_lora_pair(block, module, parts, batch, limits, linear_shape(block, module))
+    return result
+
+
+def _check_prompts(prompts: torch.Tensor, batch: int, tokens: int, n_blocks: int, limits: Limits) -> None:
+    expected_lead = [n_blocks] if prompts.ndim == 3 else [batch, n_blocks]
+    if prompts.ndim not in (3, 4) or list(prompts.shape[:-2]) != expected_lead:
+        raise ProtocolError(
+            f"deep prompts must be [{n_blocks}, P, hidden] or [{batch}, {n_blocks}, P, hidden], "
+            f"got {list(prompts.shape)}"
+        )
+    length, hidden_size = prompts.shape[-2:]
+    if hidden_size != limits.hidden_size:
+        raise ProtocolError(f"deep prompts have hidden size {hidden_size}, expected {limits.hidden_size}")
+    if not 1 <= length <= min(tokens, limits.max_prompt_length):
+        raise ProtocolError(
+            f"deep prompt length {length} must be in [1, min(tokens={tokens}, limit={limits.max_prompt_length})]"
+        )
+
+
+def _check_lora_pair(
+    block: int, module: str, parts: dict[str, torch.Tensor], batch: int, limits: Limits, shape: tuple[int, int]
+) -> None:
+    if set(parts) != {"A", "B"}:
+        raise ProtocolError(f"LoRA of block {block} {module} needs both A and B")
+    a, b = parts["A"], parts["B"]
+    in_features, out_features = shape
+    per_example = a.ndim == 3
+    lead = [batch] if per_example else []
+    if a.ndim not in (2, 3) or b.ndim != a.ndim:
+        raise ProtocolError(f"LoRA of block {block} {module}: A and B must both be 2-D (shared) or 3-D (per example)")
+    rank = a.shape[-2]
+    if not 1 <= rank <= limits.max_lora_rank:
+        raise ProtocolError(f"LoRA rank {rank} of block {block} {module} is outside [1, {limits.max_lora_rank}]")
+    if list(a.shape) != [*lead, rank, in_features] or list(b.shape) != [*lead, out_features, rank]:
+        raise ProtocolError(
+            f"LoRA of block {block} {module}: A {list(a.shape)} and B {list(b.shape)} do not fit "
+            f"A {[*lead, rank, in_features]}, B {[*lead, out_features, rank]}"
         )

@@ -33,6 +33,12 @@ class ClientConfig:
     max_failovers: int = 4  # replacements of failed peers within one step before the step fails
     failover_timeout: float = 5.0  # seconds to find a replacement for a failed peer's blocks
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    max_train_tokens: int = 8192  # whole-sequence forward / backward requests are cut into chunks of this many tokens
+    # training: ask the forward's peer to keep the autograd graph until the backward (same call), saving the
+    # backward's recomputation; False (or a peer out of room) uses the stateless backward that recomputes
+    hold_activations: bool = True
+    # blocks run on the client, never shown to a peer: k (the first and last k) or (k_first, k_last)
+    local_blocks: int | tuple[int, int] = 0
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -47,5 +53,16 @@ class ClientConfig:
                 raise ValueError(f"{peer!r} is not a peer ID (base58, as in the peer's /p2p/ multiaddr)") from None
         if self.refresh_period < 0 or self.probe_timeout <= 0 or self.max_probes < 0:
             raise ValueError("refresh_period and max_probes must be >= 0, probe_timeout > 0")
-        if self.max_prefill_tokens < 1 or self.max_message_bytes < 1:
-            raise ValueError("max_prefill_tokens and max_message_bytes must be >= 1")
+        if self.max_prefill_tokens < 1 or self.max_message_bytes < 1 or self.max_train_tokens < 1:
+            raise ValueError("max_prefill_tokens, max_message_bytes and max_train_tokens must be >= 1")
+        first, last = self.local_split
+        if first < 0 or last < 0:
+            raise ValueError(f"local_blocks must be >= 0, got {self.local_blocks}")
+
+    @property
+    def local_split(self) -> tuple[int, int]:
+        """(first k, last k) blocks run on the client."""
+        if isinstance(self.local_blocks, int):
+            return self.local_blocks, self.local_blocks
+        first, last = self.local_blocks
+        return int(first), int(last)

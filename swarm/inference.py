@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 
 import torch
+from transformers.cache_utils import DynamicCache
 
+from privacy.exposure import ExposureLedger
 from swarm.routing import RouteSpan
 from swarm.sequence import RemoteSequence
 from swarm.transport import InferenceStream, PeerError
@@ -40,6 +43,8 @@ class InferenceSession:
         self.failovers = 0
         self._step_number = 0  # numbers the steps sent with push chains
         self.token_ids: torch.Tensor | None = None  # tokens of the session so far (set by the model)
+        self.ledger = ExposureLedger(session_id=secrets.token_hex(4))  # which peer saw which blocks' activations
+        self.local_caches: dict[str, DynamicCache] = {}  # KV caches of the blocks the client runs itself
 
     @property
     def _tokens_needed(self) -> int:
@@ -156,6 +161,7 @@ class InferenceSession:
                 relay_rest, direct = True, True
                 continue  # the same input, now to the replacement
             self._remember(i, hidden, position)
+            self.sequence.record_exposure(self.route[i], hidden.shape[0] * hidden.shape[1], "inference", self.ledger)
             self.sequence.succeeded(stream.peer_id)
             if not push:  # pushed answers include the upstream's time: not a round trip to this peer
                 self.sequence.observe_rtt(stream.peer_id, stream.last_rtt)
@@ -205,6 +211,7 @@ class InferenceSession:
                 for offset in range(0, position, cfg.max_prefill_tokens):
                     piece = replay[:, offset : offset + cfg.max_prefill_tokens]
                     outputs.append(await stream.step(piece, offset))
+                self.sequence.record_exposure(route[j], replay.shape[0] * position, "inference", self.ledger)
                 replay = torch.cat(outputs, dim=1)
         self.route[i : i + 1] = route
         self._streams[i : i + 1] = streams

@@ -24,11 +24,15 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
+from blocks.adapters import run_span, select_tensors
 from blocks.checkpoint import model_name_of, open_checkpoint, read_client_state
 from blocks.families import ModelFamily, family_of
+from blocks.span import BlockSpan, load_span
+from privacy.exposure import ExposureLedger, split_local_blocks
 from swarm.config import ClientConfig
 from swarm.inference import InferenceSession
 from swarm.sequence import RemoteSequence
+from swarm.tuning import ClientTuning
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ class RemoteDecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
         self.sequence = sequence
+        self.tuning = ClientTuning(config)
+        # blocks the client runs itself (ClientConfig.local_blocks), so that no peer sees their activations
+        self.local_first: BlockSpan | None = None
+        self.local_last: BlockSpan | None = None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -84,13 +92,55 @@ class RemoteDecoderModel(nn.Module):
                     f"position_ids start at {int(position_ids.reshape(-1)[0])}, "
                     f"but the session holds {session.position} tokens"
                 )
-            hidden = session.step(hidden)
+            if len(self.tuning.params):
+                raise NotImplementedError("generation with prompts or LoRA adapters is not supported through the swarm")
+            hidden = self._run_in_session(session, hidden)
         else:
             if past_key_values is not None and past_key_values.get_seq_length() > 0:
                 raise ValueError("a local KV cache cannot be used with remote blocks; use model.inference_session()")
             past_key_values = None
-            hidden = self.sequence.forward(hidden)
+            hidden = self._run_whole(hidden)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+
+    def _run_whole(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All blocks on whole sequences, differentiable w.r.t. the input and the client's trainables."""
+        tensors = self.tuning.active()
+        prompts = tensors.get("prompts")
+        if prompts is not None:  # shallow prompts: a prefix of trainable embeddings, dropped from the outputs
+            prefix = prompts.expand(hidden.shape[0], -1, -1) if prompts.dim() == 2 else prompts
+            hidden = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
+        scale = self.tuning.lora_scale
+        hidden = self._run_local(self.local_first, hidden, tensors, scale)
+        if self.sequence.remote_start < self.sequence.remote_end:
+            hidden = self.sequence.forward(hidden, tensors, scale)
+        hidden = self._run_local(self.local_last, hidden, tensors, scale)
+        return hidden if prompts is None else hidden[:, prompts.shape[-2] :]
+
+    def _run_in_session(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
+        position = session.position
+        for key, span in (("first", self.local_first), ("last", self.local_last)):
+            if span is not None and key not in session.local_caches:
+                session.local_caches[key] = span.new_cache()
+        hidden = self._run_local(self.local_first, hidden, {}, 1.0, session.local_caches.get("first"), position)
+        if self.sequence.remote_start < self.sequence.remote_end:
+            hidden = session.step(hidden)
+        else:
+            session.position = position + hidden.shape[1]
+        return self._run_local(self.local_last, hidden, {}, 1.0, session.local_caches.get("last"), position)
+
+    @staticmethod
+    def _run_local(
+        span: BlockSpan | None,
+        hidden: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        lora_scale: float,
+        cache: DynamicCache | None = None,
+        position: int = 0,
+    ) -> torch.Tensor:
+        if span is None:
+            return hidden
+        sub = select_tensors(tensors, span.start, span.end, prompt_key="deep_prompts")
+        return run_span(span, hidden, span.start, span.end, sub, lora_scale, cache, position)
 
 
 class DistributedCausalLMMixin:
@@ -136,11 +186,17 @@ class DistributedCausalLMMixin:
         if family_of(config).causal_lm not in cls.__mro__:
             raise ValueError(f"{cls.__name__} cannot load a {config.model_type} checkpoint")
         prefix = client_config.dht_prefix or model_name_of(str(model_name_or_path))
-        sequence = RemoteSequence(client_config, prefix, config.num_hidden_layers, config.hidden_size)
+        first, remote, last = split_local_blocks(config.num_hidden_layers, *client_config.local_split)
+        sequence = RemoteSequence(client_config, prefix, config.num_hidden_layers, config.hidden_size, remote)
         try:
             with torch.device("meta"):  # no throwaway random init of (possibly huge) embeddings and LM head
                 model = cls(config, sequence)
             model._load_client_state(ckpt, dtype)
+            model.requires_grad_(False)  # the model is frozen: what trains is model.tuning's parameters
+            for blocks, attr in ((first, "local_first"), (last, "local_last")):
+                if len(blocks):
+                    span = load_span(ckpt, blocks.start, blocks.stop, dtype, progress=False)
+                    setattr(model.model, attr, span)
         except BaseException:
             sequence.shutdown()
             raise
@@ -173,6 +229,16 @@ class DistributedCausalLMMixin:
         finally:
             self._local.session = None
             session.close()
+
+    @property
+    def tuning(self) -> ClientTuning:
+        """The client's trainable prompts / LoRA adapters (empty until added)."""
+        return self.model.tuning
+
+    @property
+    def exposure_ledger(self) -> ExposureLedger:
+        """Which peer saw which blocks' activations, for how many tokens, over this model's lifetime."""
+        return self.model.sequence.ledger
 
     def shutdown(self) -> None:
         """Leave the swarm: stop this client's DHT node and network thread."""

@@ -12,9 +12,12 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 
+from blocks.adapters import select_tensors
 from dht.announce import fetch_block_servers
 from dht.node import start_dht_node
 from dht.records import check_prefix, make_validators
+from privacy.exposure import ExposureKind, ExposureLedger
+from swarm.autograd import SpanCalls, apply_span
 from swarm.config import ClientConfig
 from swarm.routing import (
     NoRouteError,
@@ -25,18 +28,30 @@ from swarm.routing import (
     min_latency_route,
     throughput_weighted_route,
 )
-from swarm.transport import LoopThread, PeerError, call_forward, call_info
+from swarm.transport import LoopThread, PeerError, call_info
 
 logger = logging.getLogger(__name__)
 RTT_SMOOTHING = 0.2  # weight of a new round-trip sample in the moving average
 
 
 class RemoteSequence:
-    """Blocks [0, num_blocks) of one model, served by the swarm under `prefix`."""
+    """Blocks [remote_start, remote_end) of one model of `num_blocks` blocks, served by the swarm under `prefix`
+    (the rest, if any, run on the client: ClientConfig.local_blocks)."""
 
-    def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, hidden_size: int):
+    def __init__(
+        self,
+        config: ClientConfig,
+        prefix: str,
+        num_blocks: int,
+        hidden_size: int,
+        remote_blocks: range | None = None,
+    ):
         self.config, self.prefix = config, check_prefix(prefix)
         self.num_blocks, self.hidden_size = num_blocks, hidden_size
+        remote_blocks = range(num_blocks) if remote_blocks is None else remote_blocks
+        self.remote_start, self.remote_end = remote_blocks.start, remote_blocks.stop
+        self.ledger = ExposureLedger()  # every request that showed a peer some of our activations
+        self.calls = SpanCalls(self)
         self.dht = start_dht_node(
             config.initial_peers,
             config.host_maddrs,
@@ -136,7 +151,7 @@ class RemoteSequence:
     def make_route(
         self,
         min_length: int = 1,
-        start: int = 0,
+        start: int | None = None,
         end: int | None = None,
         timeout: float | None = None,
         policy: str = "latency",
@@ -148,7 +163,8 @@ class RemoteSequence:
         policy "latency": least expected time per token (inference); "throughput": spread over replicas by their
         announced throughput (whole-sequence work); "hops": fewest hops.
         """
-        end = self.num_blocks if end is None else end
+        start = self.remote_start if start is None else start
+        end = self.remote_end if end is None else end
         deadline = time.monotonic() + (self.config.discovery_timeout if timeout is None else timeout)
         refresh = False
         while True:
@@ -183,24 +199,24 @@ class RemoteSequence:
 
     # ---- whole-sequence forward ----
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run all blocks on hidden [batch, seq, hidden_size] (no cache); a failed peer's span is re-run elsewhere."""
-        wire = hidden.to(self.config.wire_dtype)
-        block, failures = 0, 0
-        while block < self.num_blocks:
+    def record_exposure(self, span: RouteSpan, tokens: int, kind: ExposureKind, *also: ExposureLedger) -> None:
+        for ledger in (self.ledger, *also):
+            ledger.record(span.peer_id.to_base58(), span.start, span.end, tokens, kind)
+
+    def forward(
+        self, hidden: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None, lora_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Run the remote blocks on hidden [batch, seq, hidden_size] (no cache), with the client's deep prompts
+        (`tensors["deep_prompts"]`, indexed by global block) and LoRA tensors; differentiable (see swarm.autograd).
+        A failed peer's span is re-run elsewhere."""
+        tensors = tensors or {}
+        block, failures = self.remote_start, 0
+        while block < self.remote_end:
             timeout = None if failures == 0 else self.config.failover_timeout
             span = self.make_route(min_length=hidden.shape[1], start=block, timeout=timeout, policy="throughput")[0]
             try:
-                wire = self.loop.run(
-                    call_forward(
-                        self.p2p,
-                        span.peer_id,
-                        span.uid,
-                        wire,
-                        self.config.max_message_bytes,
-                        self.config.request_timeout,
-                    )
-                )
+                sub = select_tensors(tensors, span.start, span.end, prompt_key="deep_prompts")
+                hidden = apply_span(self.calls, span, hidden, sub, lora_scale)
             except PeerError as e:
                 failures += 1
                 if failures > self.config.max_failovers:
@@ -210,7 +226,7 @@ class RemoteSequence:
                 continue
             self.succeeded(span.peer_id)
             block = span.end
-        return wire.to(hidden.dtype)
+        return hidden
 
     def shutdown(self) -> None:
         self._stop.set()

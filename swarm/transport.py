@@ -7,6 +7,7 @@ generation step across every span of the route is one coroutine there, so each t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Coroutine
@@ -17,9 +18,11 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from peers.protocol import (
+    BACKWARD_HANDLER,
     FORWARD_HANDLER,
     INFERENCE_HANDLER,
     INFO_HANDLER,
+    TRAIN_HANDLER,
     ProtocolError,
     RemoteError,
     check_push_token,
@@ -61,7 +64,10 @@ def _check_output(response: runtime_pb2.ExpertResponse, like: torch.Tensor, max_
     """A peer's answer is network input too: same shape and dtype as what we sent, finite."""
     if len(response.tensors) != 1:
         raise ProtocolError(f"expected 1 tensor in the answer, got {len(response.tensors)}")
-    out = decode_tensor(response.tensors[0], max_numel=max_numel)
+    return _check_tensor(decode_tensor(response.tensors[0], max_numel=max_numel), like)
+
+
+def _check_tensor(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.shape != like.shape or out.dtype != like.dtype:
         raise ProtocolError(f"answer has shape {list(out.shape)} {out.dtype}, expected {list(like.shape)} {like.dtype}")
     if not torch.isfinite(out).all():
@@ -171,14 +177,63 @@ class InferenceStream:
 
 
 async def call_forward(
-    p2p: P2P, peer_id: PeerID, uid: str, hidden: torch.Tensor, max_bytes: int, timeout: float
+    p2p: P2P,
+    peer_id: PeerID,
+    uid: str,
+    hidden: torch.Tensor,
+    max_bytes: int,
+    timeout: float,
+    trainables: dict[str, torch.Tensor] | None = None,
+    lora_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Whole-sequence forward of blocks `uid` ('start:end') on one peer."""
+    """Whole-sequence forward of blocks `uid` ('start:end') on one peer, with optional deep prompts / LoRA tensors
+    (see blocks.adapters)."""
+    trainables = trainables or {}
+    meta = {"names": list(trainables), "lora_scale": lora_scale} if trainables else {}
+    (output,) = await _call_once(
+        p2p, peer_id, FORWARD_HANDLER, uid, [hidden, *trainables.values()], meta, [hidden], max_bytes, timeout
+    )
+    return output
+
+
+async def call_backward(
+    p2p: P2P,
+    peer_id: PeerID,
+    uid: str,
+    hidden: torch.Tensor,
+    grad_output: torch.Tensor,
+    max_bytes: int,
+    timeout: float,
+    trainables: dict[str, torch.Tensor] | None = None,
+    lora_scale: float = 1.0,
+) -> list[torch.Tensor]:
+    """Gradients w.r.t. the span's input `hidden` and each of `trainables` (in order), given the gradient w.r.t. the
+    span's output. The peer recomputes the forward: it keeps nothing between calls."""
+    trainables = trainables or {}
+    meta = {"names": list(trainables), "lora_scale": lora_scale}
+    tensors = [hidden, grad_output, *trainables.values()]
+    return await _call_once(
+        p2p, peer_id, BACKWARD_HANDLER, uid, tensors, meta, [hidden, *trainables.values()], max_bytes, timeout
+    )
+
+
+async def _call_once(
+    p2p: P2P,
+    peer_id: PeerID,
+    handler: str,
+    uid: str,
+    tensors: list[torch.Tensor],
+    meta: dict[str, Any],
+    expected: list[torch.Tensor],
+    max_bytes: int,
+    timeout: float,
+) -> list[torch.Tensor]:
+    """One request on a fresh stream -> the answer's tensors, each checked to be shaped like `expected`."""
     writer = None
     try:
-        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, FORWARD_HANDLER), timeout)
+        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, handler), timeout)
         try:
-            await send_message(make_request([hidden], {}, uid=uid), writer)
+            await send_message(make_request(tensors, meta, uid=uid), writer)
         except ConnectionError:
             pass  # the peer may have refused the request mid-way: its error is still waiting to be read
         response = await asyncio.wait_for(
@@ -186,12 +241,89 @@ async def call_forward(
         )
         if response is None:
             raise ConnectionError("the peer closed the stream without answering")
-        return _check_output(response, hidden, max_bytes // 2)
+        if len(response.tensors) != len(expected):
+            raise ProtocolError(f"expected {len(expected)} tensors in the answer, got {len(response.tensors)}")
+        return [
+            _check_tensor(decode_tensor(t, max_numel=max_bytes // 2), like)
+            for t, like in zip(response.tensors, expected, strict=True)
+        ]
     except Exception as e:
         raise _as_peer_error(peer_id, e) from e
     finally:
         if writer is not None:
             writer.close()
+
+
+class TrainCall:
+    """A forward whose backward follows on the same stream, the peer holding the autograd graph in between (see
+    the peer's train handler). If the peer would not hold it (`held` is False after `forward`), the stream is
+    closed and the stateless backward call is the way to get gradients."""
+
+    def __init__(self, p2p: P2P, peer_id: PeerID, uid: str, max_bytes: int, timeout: float):
+        self.p2p, self.peer_id, self.uid, self.max_bytes, self.timeout = p2p, peer_id, uid, max_bytes, timeout
+        self.held = False
+        self.like: list[torch.Tensor] = []  # what the backward's answers must look like
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def forward(
+        self, hidden: torch.Tensor, trainables: dict[str, torch.Tensor], lora_scale: float
+    ) -> torch.Tensor:
+        try:
+            self._loop = asyncio.get_running_loop()
+            _, self._reader, self._writer = await asyncio.wait_for(
+                self.p2p.call_binary_stream_handler(self.peer_id, TRAIN_HANDLER), self.timeout
+            )
+            meta = {"names": list(trainables), "lora_scale": lora_scale}
+            await send_message(make_request([hidden, *trainables.values()], meta, uid=self.uid), self._writer)
+            response = await self._receive()
+            self.held = decode_metadata(response.metadata).get("held") is True
+            output = _check_output(response, hidden, self.max_bytes // 2)
+        except Exception as e:
+            await self.close()
+            raise _as_peer_error(self.peer_id, e) from e
+        if not self.held:
+            await self.close()
+        self.like = [hidden, *trainables.values()]
+        return output
+
+    async def backward(self, grad_output: torch.Tensor) -> list[torch.Tensor]:
+        """Gradients w.r.t. the forward's input and trainables, from the graph the peer held."""
+        if self._writer is None:
+            raise PeerError(self.peer_id, "this training call is closed")
+        try:
+            await send_message(make_request([grad_output], {}), self._writer)
+            response = await self._receive()
+            if len(response.tensors) != len(self.like):
+                raise ProtocolError(f"expected {len(self.like)} tensors in the answer, got {len(response.tensors)}")
+            return [
+                _check_tensor(decode_tensor(t, max_numel=self.max_bytes // 2), like)
+                for t, like in zip(response.tensors, self.like, strict=True)
+            ]
+        except Exception as e:
+            raise _as_peer_error(self.peer_id, e) from e
+        finally:
+            await self.close()
+
+    async def _receive(self) -> runtime_pb2.ExpertResponse:
+        async with asyncio.timeout(self.timeout):
+            response = await receive_message(self._reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes)
+        if response is None:
+            raise ConnectionError("the peer closed the stream without answering")
+        return response
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __del__(self) -> None:
+        # The autograd graph was dropped without a backward: let the peer free what it holds now, not at its timeout.
+        writer, loop = self._writer, self._loop
+        if writer is not None and loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(writer.close)
 
 
 async def call_info(p2p: P2P, peer_id: PeerID, timeout: float) -> dict[str, Any]:

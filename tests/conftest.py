@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,10 @@ from model_tools import make_random_checkpoint  # noqa: E402
 
 # Peers in tests log warnings only and use one compute thread each: tests run several processes on 2 cores.
 PEER_ARGS = ["--log-level", "WARNING"]
+# Peers started by tests share one throughput cache of this test run, not the user's (~/.cache/blockswarm).
+os.environ.setdefault(
+    "SWARM_PEER_THROUGHPUT_CACHE", str(Path(tempfile.mkdtemp(prefix="blockswarm-tests-")) / "throughput.json")
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +54,20 @@ def llama_client(llama_ckpt, llama_swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(llama_ckpt, initial_peers=llama_swarm.initial_peers)
     yield model
     model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def replicated(llama_ckpt):
+    """Blocks 0-1 on one peer; blocks 2-3 on three peers, so two can die; and a client of that swarm."""
+    from swarm import AutoDistributedModelForCausalLM
+
+    swarm = start_swarm(llama_ckpt, peers=4, spans=[(0, 2), (2, 4), (2, 4), (2, 4)])
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        llama_ckpt, initial_peers=swarm.initial_peers, failover_timeout=5.0
+    )
+    yield swarm, model
+    model.shutdown()
+    swarm.stop()  # some peers are killed on purpose: their exit codes are not checked
 
 
 @pytest.fixture(scope="session")

@@ -14,18 +14,6 @@ from transformers.generation.streamers import BaseStreamer
 from swarm import AutoDistributedModelForCausalLM, NoRouteError, PeerError
 
 
-@pytest.fixture(scope="module")
-def replicated(llama_ckpt):
-    """Blocks 0-1 on one peer; blocks 2-3 on three peers, so two can die."""
-    swarm = start_swarm(llama_ckpt, peers=4, spans=[(0, 2), (2, 4), (2, 4), (2, 4)])
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        llama_ckpt, initial_peers=swarm.initial_peers, failover_timeout=5.0
-    )
-    yield swarm, model
-    model.shutdown()
-    swarm.stop()  # some peers were killed on purpose: their exit codes are not checked
-
-
 def kill_serving(swarm, peer_id) -> None:
     [peer] = [p for p in swarm.peers if p.info["peer_id"] == peer_id.to_base58()]
     peer.process.kill()
