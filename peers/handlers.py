@@ -25,7 +25,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
-from blocks.adapters import linear_module, run_span
+from blocks.adapters import PROMPTS, linear_module, run_span
 from blocks.span import BlockSpan
 from peers.protocol import (
     BACKWARD_HANDLER,
@@ -169,7 +169,12 @@ class BlockService:
                 tensors = {n: t.to(self.device, self.span.dtype) for n, t in (tensors or {}).items()}
                 out = run_span(self.span, x, start, end, tensors, lora_scale)
             else:
-                out = self.span(x, session.cache, session.position, start, end)
+                if session.tensors:
+                    out = run_span(
+                        self.span, x, start, end, session.tensors, session.lora_scale, session.cache, session.position
+                    )
+                else:
+                    out = self.span(x, session.cache, session.position, start, end)
                 session.position += hidden.shape[1]
             return out.to("cpu", wire_dtype)
 
@@ -255,6 +260,18 @@ class BlockService:
         names = meta.get("names", [])
         tensors = check_trainables(names, extra, hidden, start, end, self.limits, self._linear_shape)
         return tensors, get_lora_scale(meta)
+
+    def _read_session_trainables(
+        self, opening: runtime_pb2.ExpertRequest, batch: int, max_length: int, start: int, end: int
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Deep prompts / LoRA tensors sent with a session's opening request, kept (on the compute device) for the
+        session's lifetime, so that generation uses the client's tuned adapters."""
+        if not opening.tensors:
+            return {}, 1.0
+        dtype = decode_tensor(opening.tensors[0], max_numel=self.limits.max_numel).dtype
+        like = torch.empty(batch, max_length, self.limits.hidden_size, dtype=dtype, device="meta")  # shapes only
+        tensors, scale = self._read_trainables(opening, 0, like, start, end)
+        return {n: t.to(self.device, self.span.dtype) for n, t in tensors.items()}, scale
 
     def _read_forward(
         self, request: runtime_pb2.ExpertRequest, start: int, end: int
@@ -408,8 +425,10 @@ class BlockService:
             meta = decode_metadata(opening.metadata)
             max_length = get_int(meta, "max_length", low=1, high=self.limits.max_length)
             batch = get_int(meta, "batch", low=1, high=self.limits.max_batch)
+            tensors, scale = self._read_session_trainables(opening, batch, max_length, start, end)
             self.budget.reserve(batch * max_length)
-            session = PeerSession(start, end, batch, max_length, self.span.new_cache())
+            session = PeerSession(start, end, batch, max_length, self.span.new_cache(), tensors=tensors)
+            session.lora_scale = scale
             logger.debug(
                 f"session {session.session_id} from {peer}: blocks {start}:{end}, "
                 f"batch {batch}, max_length {max_length}"
@@ -479,6 +498,13 @@ class BlockService:
             hidden = self._read_hidden(request, batch=session.batch)
             position = get_int(meta, "position", low=0, high=session.max_length)
             chain = get_push_chain(meta)
+            prompts = session.tensors.get(PROMPTS)
+            length = 0 if prompts is None else prompts.shape[-2]
+            if position < length and (position > 0 or hidden.shape[1] < length):
+                raise ProtocolError(
+                    f"the session's first step must cover the {length} deep-prompt positions, "
+                    f"got {hidden.shape[1]} token(s) at position {position}"
+                )
             session.prepare_step(position, hidden.shape[1])
             began = time.perf_counter()
             output = await self._compute(hidden, session, session.start, session.end, generation)

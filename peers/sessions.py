@@ -71,6 +71,9 @@ class PeerSession:
     position: int = 0
     last_active: float = field(default_factory=time.monotonic)
     session_id: int = field(default_factory=lambda: next(_session_ids))
+    # the client's deep prompts / LoRA tensors for these blocks, sent once when the session opens
+    tensors: dict = field(default_factory=dict)
+    lora_scale: float = 1.0
 
     @property
     def reserved_tokens(self) -> int:

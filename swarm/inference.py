@@ -9,6 +9,7 @@ import secrets
 import torch
 from transformers.cache_utils import DynamicCache
 
+from blocks.adapters import select_tensors
 from privacy.exposure import ExposureLedger
 from swarm.routing import RouteSpan
 from swarm.sequence import RemoteSequence
@@ -30,10 +31,20 @@ class InferenceSession:
     generation continues with exactly the same results.
     """
 
-    def __init__(self, sequence: RemoteSequence, max_length: int, batch: int = 1):
+    def __init__(
+        self,
+        sequence: RemoteSequence,
+        max_length: int,
+        batch: int = 1,
+        trainables: dict[str, torch.Tensor] | None = None,
+        lora_scale: float = 1.0,
+    ):
         if max_length < 1 or batch < 1:
             raise ValueError(f"max_length and batch must be >= 1, got {max_length} and {batch}")
         self.sequence, self.max_length, self.batch = sequence, max_length, batch
+        # the client's deep prompts ("deep_prompts", by global block) and LoRA tensors, fixed for the session
+        self.trainables = {name: t.detach().to(sequence.config.wire_dtype) for name, t in (trainables or {}).items()}
+        self.lora_scale = lora_scale
         self.position = 0
         self.route: list[RouteSpan] = []
         self._streams: list[InferenceStream] = []
@@ -52,7 +63,9 @@ class InferenceSession:
 
     def _new_stream(self, span: RouteSpan) -> InferenceStream:
         cfg = self.sequence.config
-        return InferenceStream(self.sequence.p2p, span.peer_id, span.uid, cfg.max_message_bytes, cfg.request_timeout)
+        stream = InferenceStream(self.sequence.p2p, span.peer_id, span.uid, cfg.max_message_bytes, cfg.request_timeout)
+        stream.trainables = select_tensors(self.trainables, span.start, span.end, prompt_key="deep_prompts")
+        return stream
 
     def open(self) -> InferenceSession:
         """Open a stream to every peer of a route; a peer that fails to open is avoided and the route re-planned."""
@@ -82,7 +95,8 @@ class InferenceSession:
     async def _open_all(self, streams: list[InferenceStream]) -> None:
         cfg = self.sequence.config
         results = await asyncio.gather(
-            *(s.open(self.max_length, self.batch, cfg.connect_timeout) for s in streams), return_exceptions=True
+            *(s.open(self.max_length, self.batch, cfg.connect_timeout, s.trainables, self.lora_scale) for s in streams),
+            return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

@@ -92,8 +92,10 @@ class RemoteDecoderModel(nn.Module):
                     f"position_ids start at {int(position_ids.reshape(-1)[0])}, "
                     f"but the session holds {session.position} tokens"
                 )
-            if len(self.tuning.params):
-                raise NotImplementedError("generation with prompts or LoRA adapters is not supported through the swarm")
+            if "prompts" in self.tuning.params:
+                raise NotImplementedError(
+                    "generation with shallow prompts is not supported through the swarm (deep prompts and LoRA are)"
+                )
             hidden = self._run_in_session(session, hidden)
         else:
             if past_key_values is not None and past_key_values.get_seq_length() > 0:
@@ -121,12 +123,20 @@ class RemoteDecoderModel(nn.Module):
         for key, span in (("first", self.local_first), ("last", self.local_last)):
             if span is not None and key not in session.local_caches:
                 session.local_caches[key] = span.new_cache()
-        hidden = self._run_local(self.local_first, hidden, {}, 1.0, session.local_caches.get("first"), position)
+        tensors, scale = session.trainables, session.lora_scale
+        length = tensors["deep_prompts"].shape[-2] if "deep_prompts" in tensors else 0
+        if position < length and (position > 0 or hidden.shape[1] < length):
+            # Checked here too, not only by the peers: a refused step would look like a failing peer.
+            raise ValueError(
+                f"with deep prompts of length {length}, a session's first step must cover positions 0..{length - 1}: "
+                f"got {hidden.shape[1]} token(s) at position {position}"
+            )
+        hidden = self._run_local(self.local_first, hidden, tensors, scale, session.local_caches.get("first"), position)
         if self.sequence.remote_start < self.sequence.remote_end:
             hidden = session.step(hidden)
         else:
             session.position = position + hidden.shape[1]
-        return self._run_local(self.local_last, hidden, {}, 1.0, session.local_caches.get("last"), position)
+        return self._run_local(self.local_last, hidden, tensors, scale, session.local_caches.get("last"), position)
 
     @staticmethod
     def _run_local(
@@ -222,7 +232,14 @@ class DistributedCausalLMMixin:
         """Keep the peers' KV caches across generate() calls: each call continues where the last one ended."""
         if self.active_session is not None:
             raise RuntimeError("an inference session is already open on this model in this thread")
-        session = InferenceSession(self.model.sequence, max_length, batch_size).open()
+        # The session uses the tuned tensors as they are now: train, then open a session to generate with them.
+        session = InferenceSession(
+            self.model.sequence,
+            max_length,
+            batch_size,
+            trainables=self.tuning.active(),
+            lora_scale=self.tuning.lora_scale,
+        ).open()
         self._local.session = session
         try:
             yield session

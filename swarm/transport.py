@@ -84,16 +84,29 @@ class InferenceStream:
         self.max_numel = max_bytes // 2  # elements of the smallest wire dtype that fit in max_bytes
         self.last_rtt = 0.0  # network part of the last step's round trip (s)
         self.push_token: str | None = None  # lets the previous peer of a route push steps into this session
+        self.trainables: dict[str, torch.Tensor] = {}  # deep prompts / LoRA of these blocks, sent at opening
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: asyncio.Task | None = None  # a reply being read (kept across a grace wait, never cancelled)
 
-    async def open(self, max_length: int, batch: int, connect_timeout: float) -> None:
+    async def open(
+        self,
+        max_length: int,
+        batch: int,
+        connect_timeout: float,
+        trainables: dict[str, torch.Tensor] | None = None,
+        lora_scale: float = 1.0,
+    ) -> None:
+        """Open the session; `trainables` (deep prompts / LoRA of these blocks) apply to all its steps."""
+        trainables = trainables or {}
+        meta: dict[str, Any] = {"max_length": max_length, "batch": batch}
+        if trainables:
+            meta.update(names=list(trainables), lora_scale=lora_scale)
         try:
             _, self._reader, self._writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer_id, INFERENCE_HANDLER), connect_timeout
             )
-            await send_message(make_request([], {"max_length": max_length, "batch": batch}, uid=self.uid), self._writer)
+            await send_message(make_request(list(trainables.values()), meta, uid=self.uid), self._writer)
             opened = decode_metadata((await self._receive(connect_timeout)).metadata)
             if opened.get("push_token") is not None:
                 self.push_token = check_push_token(opened["push_token"])

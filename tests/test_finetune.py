@@ -149,6 +149,32 @@ def test_lora_gradients_match_peft_and_save_load(client, llama_ckpt, local_model
     assert client.tuning.lora_scale == 2.0 and set(client.tuning.named_trainables()) == set(params)
 
 
+def test_generation_uses_lora_and_deep_prompts(client, llama_ckpt, local_model, tmp_path):
+    fresh_tuning(client)
+    client.tuning.add_lora(rank=4, alpha=8, targets=("q_proj", "v_proj"), blocks=[0, 2, 3])
+    randomize(client.tuning, 6)
+    client.tuning.save_pretrained(tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(local_model(llama_ckpt)), tmp_path / "adapter")
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        assert not torch.allclose(client(ids).logits, local_model(llama_ckpt)(ids).logits, atol=1e-3)
+        # the peers apply the client's LoRA in its inference sessions (cached generation) exactly as PEFT does
+        assert torch.equal(client.generate(ids, **kwargs), peft_model.generate(input_ids=ids, **kwargs))
+
+        # deep prompts too: cached generation equals greedy decoding by whole-sequence forwards (tested vs local)
+        client.tuning.add_deep_prompts(3)
+        randomize(client.tuning, 8)
+        tokens = ids
+        for _ in range(10):
+            tokens = torch.cat([tokens, client(tokens).logits[:, -1:].argmax(-1)], dim=1)
+        with client.inference_session(max_length=32):
+            assert torch.equal(client.generate(ids, **kwargs), tokens)
+        with client.inference_session(max_length=32), pytest.raises(ValueError, match="must cover positions 0..2"):
+            client.generate(ids[:, :2], max_new_tokens=1)  # too short to hold the deep prompts' positions
+    fresh_tuning(client)
+
+
 def test_dp_sgd_per_example_gradients_through_swarm_are_exact(client, llama_ckpt, local_model, tmp_path):
     fresh_tuning(client)
     client.tuning.add_deep_prompts(2)
