@@ -96,6 +96,16 @@ def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, hidden[:, length:]], dim=1)
 
 
+def check_prompt_positions(prompt_length: int, position: int, tokens: int) -> None:
+    """Deep prompts sit at positions 0..P-1: a request starting at `position` with `tokens` tokens must either
+    cover all of them (start at 0 with >= P tokens) or start after them."""
+    if position < prompt_length and (position > 0 or tokens < prompt_length):
+        raise ValueError(
+            f"with deep prompts of length {prompt_length}, a request must cover positions 0..{prompt_length - 1} "
+            f"or start after them: got {tokens} token(s) at position {position}"
+        )
+
+
 def run_span(
     span: BlockSpan,
     hidden: torch.Tensor,
@@ -112,14 +122,11 @@ def run_span(
     if prompts is None:
         with lora_hooks(span, tensors, lora_scale):
             return span(hidden, cache, position_offset, start, end)
+    check_prompt_positions(prompts.shape[-2], position_offset, hidden.shape[1])
     with lora_hooks(span, tensors, lora_scale):
         for j, block in enumerate(range(start, end)):
-            # Deep prompts only make sense for the tokens of the first request (they sit at positions 0..P-1).
-            prompt = prompts[j] if prompts.dim() == 3 else prompts[:, j]
-            if position_offset == 0:
-                hidden = add_prompt(hidden, prompt)
-            elif position_offset < prompt.shape[-2]:
-                raise ValueError("a step that starts inside the deep prompts' positions cannot add them")
+            if position_offset == 0:  # later requests start after the prompts' positions
+                hidden = add_prompt(hidden, prompts[j] if prompts.dim() == 3 else prompts[:, j])
             hidden = span(hidden, cache, position_offset, block, block + 1)
     return hidden
 

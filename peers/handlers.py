@@ -25,7 +25,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
-from blocks.adapters import PROMPTS, linear_module, run_span
+from blocks.adapters import PROMPTS, check_prompt_positions, linear_module, run_span
 from blocks.span import BlockSpan
 from peers.protocol import (
     BACKWARD_HANDLER,
@@ -35,6 +35,7 @@ from peers.protocol import (
     PROTOCOL_VERSION,
     PUSH_HANDLER,
     TRAIN_HANDLER,
+    WIRE_DTYPES,
     ProtocolError,
     RemoteError,
     decode_metadata,
@@ -102,6 +103,7 @@ class BlockService:
         self.generation = 0  # bumped when the peer moves to other blocks: sessions opened before must end
         self._inboxes: dict[str, asyncio.Queue] = {}  # push token -> the session's queue of requests
         self._push_streams: dict[PeerID, tuple[asyncio.StreamWriter, asyncio.Lock]] = {}
+        self._push_tasks: set[asyncio.Task] = set()
 
     async def suspend(self) -> None:
         """Stop serving the current blocks (the peer is moving): open sessions end, new requests are refused."""
@@ -169,12 +171,9 @@ class BlockService:
                 tensors = {n: t.to(self.device, self.span.dtype) for n, t in (tensors or {}).items()}
                 out = run_span(self.span, x, start, end, tensors, lora_scale)
             else:
-                if session.tensors:
-                    out = run_span(
-                        self.span, x, start, end, session.tensors, session.lora_scale, session.cache, session.position
-                    )
-                else:
-                    out = self.span(x, session.cache, session.position, start, end)
+                out = run_span(
+                    self.span, x, start, end, session.tensors, session.lora_scale, session.cache, session.position
+                )
                 session.position += hidden.shape[1]
             return out.to("cpu", wire_dtype)
 
@@ -268,8 +267,9 @@ class BlockService:
         session's lifetime, so that generation uses the client's tuned adapters."""
         if not opening.tensors:
             return {}, 1.0
-        dtype = decode_tensor(opening.tensors[0], max_numel=self.limits.max_numel).dtype
-        like = torch.empty(batch, max_length, self.limits.hidden_size, dtype=dtype, device="meta")  # shapes only
+        # Shapes only; an unknown dtype name is refused with a clear error when _read_trainables decodes the tensors.
+        dtype = WIRE_DTYPES.get(opening.tensors[0].dtype, torch.float32)
+        like = torch.empty(batch, max_length, self.limits.hidden_size, dtype=dtype, device="meta")
         tensors, scale = self._read_trainables(opening, 0, like, start, end)
         return {n: t.to(self.device, self.span.dtype) for n, t in tensors.items()}, scale
 
@@ -498,13 +498,11 @@ class BlockService:
             hidden = self._read_hidden(request, batch=session.batch)
             position = get_int(meta, "position", low=0, high=session.max_length)
             chain = get_push_chain(meta)
-            prompts = session.tensors.get(PROMPTS)
-            length = 0 if prompts is None else prompts.shape[-2]
-            if position < length and (position > 0 or hidden.shape[1] < length):
-                raise ProtocolError(
-                    f"the session's first step must cover the {length} deep-prompt positions, "
-                    f"got {hidden.shape[1]} token(s) at position {position}"
-                )
+            if (prompts := session.tensors.get(PROMPTS)) is not None:
+                try:
+                    check_prompt_positions(prompts.shape[-2], position, hidden.shape[1])
+                except ValueError as e:
+                    raise ProtocolError(str(e)) from None
             session.prepare_step(position, hidden.shape[1])
             began = time.perf_counter()
             output = await self._compute(hidden, session, session.start, session.end, generation)
@@ -533,7 +531,9 @@ class BlockService:
         if peer_id in self._push_streams:
             await self._send_push(peer_id, request)
         else:  # opening a stream takes round trips: not on the way of this step's answer to the client
-            asyncio.create_task(self._send_push(peer_id, request))
+            task = asyncio.create_task(self._send_push(peer_id, request))
+            self._push_tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._push_tasks.discard)
 
     async def _send_push(self, peer_id: PeerID, request: runtime_pb2.ExpertRequest) -> None:
         try:

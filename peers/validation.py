@@ -26,11 +26,11 @@ class Limits:
     max_batch: int
     max_forward_tokens: int
     max_message_bytes: int
-    max_backward_tokens: int = 16384
-    max_lora_rank: int = 64
-    max_prompt_length: int = 256
-    max_held_tokens: int = 16384
-    train_hold_timeout: float = 60.0
+    max_backward_tokens: int
+    max_lora_rank: int
+    max_prompt_length: int
+    max_held_tokens: int
+    train_hold_timeout: float
 
     @property
     def max_numel(self) -> int:

@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
-from blocks.adapters import run_span, select_tensors
+from blocks.adapters import check_prompt_positions, run_span, select_tensors
 from blocks.checkpoint import model_name_of, open_checkpoint, read_client_state
 from blocks.families import ModelFamily, family_of
 from blocks.span import BlockSpan, load_span
@@ -124,13 +124,8 @@ class RemoteDecoderModel(nn.Module):
             if span is not None and key not in session.local_caches:
                 session.local_caches[key] = span.new_cache()
         tensors, scale = session.trainables, session.lora_scale
-        length = tensors["deep_prompts"].shape[-2] if "deep_prompts" in tensors else 0
-        if position < length and (position > 0 or hidden.shape[1] < length):
-            # Checked here too, not only by the peers: a refused step would look like a failing peer.
-            raise ValueError(
-                f"with deep prompts of length {length}, a session's first step must cover positions 0..{length - 1}: "
-                f"got {hidden.shape[1]} token(s) at position {position}"
-            )
+        if "deep_prompts" in tensors:  # checked before any peer refuses it: a refusal would look like a failing peer
+            check_prompt_positions(tensors["deep_prompts"].shape[-2], position, hidden.shape[1])
         hidden = self._run_local(self.local_first, hidden, tensors, scale, session.local_caches.get("first"), position)
         if self.sequence.remote_start < self.sequence.remote_end:
             hidden = session.step(hidden)

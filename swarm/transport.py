@@ -101,7 +101,7 @@ class InferenceStream:
         trainables = trainables or {}
         meta: dict[str, Any] = {"max_length": max_length, "batch": batch}
         if trainables:
-            meta.update(names=list(trainables), lora_scale=lora_scale)
+            meta.update(trainables_meta(trainables, lora_scale))
         try:
             _, self._reader, self._writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer_id, INFERENCE_HANDLER), connect_timeout
@@ -202,7 +202,7 @@ async def call_forward(
     """Whole-sequence forward of blocks `uid` ('start:end') on one peer, with optional deep prompts / LoRA tensors
     (see blocks.adapters)."""
     trainables = trainables or {}
-    meta = {"names": list(trainables), "lora_scale": lora_scale} if trainables else {}
+    meta = trainables_meta(trainables, lora_scale) if trainables else {}
     (output,) = await _call_once(
         p2p, peer_id, FORWARD_HANDLER, uid, [hidden, *trainables.values()], meta, [hidden], max_bytes, timeout
     )
@@ -223,7 +223,7 @@ async def call_backward(
     """Gradients w.r.t. the span's input `hidden` and each of `trainables` (in order), given the gradient w.r.t. the
     span's output. The peer recomputes the forward: it keeps nothing between calls."""
     trainables = trainables or {}
-    meta = {"names": list(trainables), "lora_scale": lora_scale}
+    meta = trainables_meta(trainables, lora_scale)
     tensors = [hidden, grad_output, *trainables.values()]
     return await _call_once(
         p2p, peer_id, BACKWARD_HANDLER, uid, tensors, meta, [hidden, *trainables.values()], max_bytes, timeout
@@ -288,7 +288,7 @@ class TrainCall:
             _, self._reader, self._writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer_id, TRAIN_HANDLER), self.timeout
             )
-            meta = {"names": list(trainables), "lora_scale": lora_scale}
+            meta = trainables_meta(trainables, lora_scale)
             await send_message(make_request([hidden, *trainables.values()], meta, uid=self.uid), self._writer)
             response = await self._receive()
             self.held = decode_metadata(response.metadata).get("held") is True
@@ -348,6 +348,11 @@ async def call_info(p2p: P2P, peer_id: PeerID, timeout: float) -> dict[str, Any]
         return decode_metadata(response.serialized_info)
     except Exception as e:
         raise _as_peer_error(peer_id, e) from e
+
+
+def trainables_meta(trainables: dict[str, torch.Tensor], lora_scale: float) -> dict[str, Any]:
+    """Metadata naming the deep prompts / LoRA tensors sent after a request's fixed tensors (see blocks.adapters)."""
+    return {"names": list(trainables), "lora_scale": lora_scale}
 
 
 def _as_peer_error(peer_id: PeerID, e: BaseException) -> PeerError:

@@ -89,6 +89,11 @@ def make_limits(**overrides: Any) -> Limits:
         max_batch=4,
         max_forward_tokens=128,
         max_message_bytes=1 << 20,
+        max_backward_tokens=16384,
+        max_lora_rank=64,
+        max_prompt_length=256,
+        max_held_tokens=16384,
+        train_hold_timeout=60.0,
     )
     values.update(overrides)
     return Limits(**values)
