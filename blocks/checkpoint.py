@@ -61,20 +61,43 @@ def open_checkpoint(name_or_path: str | os.PathLike, *, blocks: Iterable[int] | 
     path = Path(name_or_path)
     local = path.is_dir()
     if not local:
-        if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-            raise CheckpointError(f"{name_or_path} is not a checkpoint directory")
-        path = _download_from_hub(str(name_or_path), ["*.json", "*.model", "*.txt"])
-        if not (path / INDEX_FILE).exists():  # an unsharded model: its one file is all there is
-            path = _download_from_hub(str(name_or_path), [SINGLE_FILE])
-    config = AutoConfig.from_pretrained(path)
+        if path.exists() or str(name_or_path).startswith((".", "/", "~")):  # a path, never a hub id
+            problem = "is a file" if path.exists() else "does not exist"
+            raise CheckpointError(f"{name_or_path} is not a checkpoint directory: it {problem}")
+        try:
+            path = _download_from_hub(str(name_or_path), ["*.json", "*.model", "*.txt"])
+            if not (path / INDEX_FILE).exists():  # an unsharded model: its one file is all there is
+                path = _download_from_hub(str(name_or_path), [SINGLE_FILE])
+        # Broad on purpose: the hub client raises validation, HTTP, transport and offline errors of unrelated types.
+        except Exception as e:
+            raise CheckpointError(
+                f"{name_or_path!r} is neither a local checkpoint directory nor a model the hub could provide: "
+                f"{_one_line(e)}"
+            ) from e
+    if not (path / "config.json").is_file():  # transformers would blame a missing model_type key instead
+        raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:  # no or a bad config.json, or a model type transformers lacks
+        raise CheckpointError(f"{path} is not a checkpoint directory: {_one_line(e)}") from e
     family_of(config)  # fail early on unsupported architectures
     weight_map = _read_weight_map(path)
     missing = {f for f in _files_for(weight_map, blocks) if not (path / f).exists()}
     if missing and local:
         raise CheckpointError(f"{path} lacks the files {sorted(missing)} that its index lists")
     if missing:
-        path = _download_from_hub(str(name_or_path), sorted(missing))
+        try:
+            path = _download_from_hub(str(name_or_path), sorted(missing))
+        except Exception as e:  # as above
+            raise CheckpointError(
+                f"fetching {sorted(missing)} of {name_or_path} from the hub failed: {_one_line(e)}"
+            ) from e
     return Checkpoint(path, config, weight_map)
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (the hub client's span several), for a CLI's one-line error."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _read_weight_map(path: Path) -> dict[str, str]:

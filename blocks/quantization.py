@@ -7,6 +7,7 @@ blockwise absmax (``Linear4bit``). Both work on CPU (bitsandbytes >= 0.45 CPU ba
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ class _DropOptionalKernelWarning(logging.Filter):
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelWarning())
 
 import bitsandbytes as bnb  # noqa: E402 (after the filter above)
-from bitsandbytes.functional import QuantState  # noqa: E402
+from bitsandbytes.functional import QuantState, has_avx512bf16  # noqa: E402
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear  # noqa: E402
 
 QUANT_MODES = ("none", "int8", "nf4")
@@ -77,7 +78,7 @@ def quantize_linear_layers(
 
     # A bare Linear has no children to recurse into, so it has to be swapped rather than patched.
     if _is_plain_linear(module):
-        return _make_quantized(module, mode, compute_dtype).to(device)
+        return share_quant_tables(_make_quantized(module, mode, compute_dtype).to(device))
 
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -85,7 +86,7 @@ def quantize_linear_layers(
                 setattr(parent, name, _make_quantized(child, mode, compute_dtype))
     # bnb quantizes lazily inside Int8Params/Params4bit.to(device); one module-wide .to() quantizes every
     # replaced layer and moves the non-linear parts (norms, rotary buffers) alongside.
-    return module.to(device)
+    return share_quant_tables(module.to(device))
 
 
 def _is_plain_linear(module: torch.nn.Module) -> bool:
@@ -143,6 +144,46 @@ def _make_quantized(linear: torch.nn.Linear, mode: str, compute_dtype: torch.dty
     return new
 
 
+# bnb gives every nf4 QuantState its own copy of two constant tables: the 16-entry NF4 code (64 B) and, for the
+# nested absmax, the 256-entry float32 dynamic map (1 KiB). That is ~1.1 KB per layer, more than the 4-bit weights
+# of a 64x64 layer. Tables are shared by exact bytes, so dequantization reads the same values as before; weak
+# values let a table go once no layer uses it.
+_SHARED_TABLES: weakref.WeakValueDictionary[tuple[Any, ...], torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _shared_table(table: torch.Tensor) -> torch.Tensor:
+    """The one live tensor with ``table``'s device, dtype, shape and bytes (``table`` itself if it is the first)."""
+    raw = table.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    key = (str(table.device), table.dtype, tuple(table.shape), raw)
+    return _SHARED_TABLES.setdefault(key, table)
+
+
+def _share_state_tables(state: QuantState) -> None:
+    state.code = _shared_table(state.code)
+    # bnb deletes state2 when it repacks a layer for its AVX512-BF16 kernel (absmax is then un-nested).
+    nested = getattr(state, "state2", None)
+    if isinstance(nested, QuantState):
+        nested.code = _shared_table(nested.code)
+
+
+def share_quant_tables(module: torch.nn.Module) -> torch.nn.Module:
+    """Make all nf4 layers in ``module`` (and any quantized earlier) use one tensor per distinct code table.
+
+    Only the constant lookup tables are shared, never absmax or offsets, and only when byte-identical, so outputs
+    are unchanged. Returns ``module``.
+    """
+    for layer in module.modules():
+        state = getattr(getattr(layer, "weight", None), "quant_state", None)
+        if isinstance(state, QuantState):
+            _share_state_tables(state)
+    return module
+
+
+def nf4_cpu_kernel() -> str:
+    """bnb's nf4 path on this CPU: "avx512bf16" (repacked weights, bfloat16 absmax) or "generic" (dequantize)."""
+    return "avx512bf16" if has_avx512bf16() else "generic"
+
+
 def _is_linear_like(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear)  # bnb Linear8bitLt / Linear4bit subclass nn.Linear
 
@@ -198,8 +239,9 @@ def linear_weight_bytes(module: torch.nn.Module, include_bias: bool = False) -> 
     """Bytes actually allocated for the weights of all linear layers (plain or bnb) inside ``module``.
 
     Counts weight storages plus every quantization statistic bnb keeps for them (int8 SCB; nf4 absmax,
-    code, offset and the nested state2), each distinct allocation once. Biases are excluded unless
-    ``include_bias`` so the number is comparable to ``numel * bytes_per_weight``.
+    code, offset and the nested state2), each distinct allocation once: the nf4 code tables, shared by all
+    layers (``share_quant_tables``), count once per ``module``. Biases are excluded unless ``include_bias`` so
+    the number is comparable to ``numel * bytes_per_weight``.
     Note: on AVX512-BF16 CPUs bnb repacks nf4 weights on the first eval forward and un-nests absmax to
     bfloat16, so for large layers the nf4 figure grows by ~1/64 B/weight after that forward.
     """

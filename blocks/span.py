@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import transformers
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
@@ -75,6 +76,8 @@ class BlockSpan(nn.Module):
         if not self.start <= start < end <= self.end:
             raise ValueError(f"blocks [{start}, {end}) are outside this span [{self.start}, {self.end})")
         first, last = start - self.start, end - self.start
+        if cache is not None:
+            check_cache_lengths(cache, first, last, position_offset, "before")
         positions = torch.arange(position_offset, position_offset + hidden.shape[1], device=hidden.device).unsqueeze(0)
         masks = {}
         for kind, make_mask in (
@@ -88,7 +91,7 @@ class BlockSpan(nn.Module):
                     config=self.config,
                     inputs_embeds=hidden,
                     attention_mask=None,
-                    past_key_values=cache,
+                    cache=cache,
                     position_ids=positions,
                     layer_idx=layer_idx if cache is not None else None,
                 )
@@ -99,10 +102,30 @@ class BlockSpan(nn.Module):
                 attention_mask=masks[self.layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=cache is not None,
             )
+        if cache is not None:
+            check_cache_lengths(cache, first, last, position_offset + hidden.shape[1], "after")
         return hidden
+
+
+class CacheLengthError(RuntimeError):
+    """A KV cache layer does not hold the tokens it should: attention would silently see the wrong past."""
+
+
+def check_cache_lengths(cache: DynamicCache, first: int, last: int, expected: int, when: str) -> None:
+    """Layers [first, last) of `cache` hold exactly `expected` tokens each (checked before and after a step, so a
+    change in how transformers' layers use the cache raises instead of computing something else)."""
+    if len(cache.layers) < last:
+        raise CacheLengthError(f"the cache has {len(cache.layers)} layers, the span needs {last}")
+    for i in range(first, last):
+        held = cache.layers[i].get_seq_length()
+        if held != expected:
+            raise CacheLengthError(
+                f"{when} a step, cache layer {i} holds {held} tokens where {expected} were expected "
+                f"(transformers {transformers.__version__})"
+            )
 
 
 def serving_config(config: PretrainedConfig) -> PretrainedConfig:

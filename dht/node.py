@@ -10,6 +10,8 @@ import threading
 
 from hivemind.dht import DHT
 
+from dht.maddrs import parse_announce_maddrs, parse_host_maddrs, parse_initial_peers
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -47,12 +49,14 @@ def start_dht_node(
 
     The kernel's parent-death signal fires when the *thread* that forked the child exits, so it is only armed when
     this runs on the main thread; otherwise the node is a daemon process that ends with a normal exit.
+    The addresses are checked first (dht.maddrs; the configs did already): a bad one raises MaddrError, never
+    reaching the daemon.
     """
     dht = IsolatedDHT(
-        initial_peers=initial_peers,
+        initial_peers=parse_initial_peers(initial_peers, "initial_peers"),
         start=False,
-        host_maddrs=host_maddrs,
-        announce_maddrs=announce_maddrs or None,
+        host_maddrs=parse_host_maddrs(host_maddrs, "host_maddrs"),
+        announce_maddrs=parse_announce_maddrs(announce_maddrs or [], "announce_maddrs") or None,
         identity_path=identity_path,
         record_validators=record_validators or [],
         client_mode=client_mode,

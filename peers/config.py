@@ -14,9 +14,12 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dht.maddrs import MaddrError, parse_announce_maddrs, parse_host_maddrs, parse_initial_peers
 
 DEFAULT_HOST_MADDRS = ["/ip4/0.0.0.0/tcp/0"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -43,6 +46,13 @@ class DhtNodeConfig:
     identity_path: str | None = _opt("private key file: a stable peer ID (created if missing)")
     ready_file: str | None = _opt("write a JSON file with peer_id and maddrs once ready")
     log_level: str = _opt("logging level", default="INFO")
+
+    def check_maddrs(self) -> None:
+        """Parse every multiaddr setting now (rules: dht.maddrs), keeping their canonical text: a bad one is a
+        one-line error here, before torch is imported or a libp2p daemon starts, not a daemon traceback later."""
+        self.initial_peers = checked_maddrs(parse_initial_peers, self.initial_peers, "--initial-peers")
+        self.host_maddrs = checked_maddrs(parse_host_maddrs, self.host_maddrs, "--host-maddrs")
+        self.announce_maddrs = checked_maddrs(parse_announce_maddrs, self.announce_maddrs, "--announce-maddrs")
 
 
 @dataclass
@@ -107,6 +117,7 @@ class PeerConfig(DhtNodeConfig):
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"--num-blocks must be >= 1, got {self.num_blocks}")
         _check_join(self)
+        self.check_maddrs()
         for name in (
             "max_length",
             "cache_tokens",
@@ -142,7 +153,16 @@ class DhtConfig(DhtNodeConfig):
 
     def validate(self) -> DhtConfig:
         _check_log_level(self.log_level)
+        self.check_maddrs()
         return self
+
+
+def checked_maddrs(parse: Callable[[list[str], str], list[str]], values: list[str], flag: str) -> list[str]:
+    """`values` through one of dht.maddrs' parsers, its error turned into a ConfigError (which the CLIs print)."""
+    try:
+        return parse(values, flag)
+    except MaddrError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_log_level(level: str) -> None:
@@ -175,6 +195,14 @@ def parse_span(text: str) -> tuple[int, int]:
     start, end = int(parts[0]), int(parts[1])
     if start >= end:
         raise ConfigError(f"--blocks {text}: the start must be below the end")
+    return start, end
+
+
+def check_span_fits(text: str, num_blocks: int) -> tuple[int, int]:
+    """'A:B' -> (A, B) as parse_span, and B <= num_blocks: the span lies within the model's blocks."""
+    start, end = parse_span(text)
+    if end > num_blocks:
+        raise ConfigError(f"--blocks {text}: the model has only {num_blocks} blocks (0:{num_blocks} is all of them)")
     return start, end
 
 

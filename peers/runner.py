@@ -27,7 +27,7 @@ from dht.identity import load_or_create_identity
 from dht.models import ModelRecord, announce_model, registry_validator
 from dht.node import start_dht_node
 from dht.records import ServerRecord, check_prefix, make_validators
-from peers.config import ConfigError, DhtConfig, DhtNodeConfig, PeerConfig, parse_span
+from peers.config import DhtConfig, DhtNodeConfig, PeerConfig, check_span_fits
 from peers.handlers import BlockService
 from peers.placement import choose_span, effective_throughputs, plan_move, throughput_coverage
 from peers.sessions import CacheBudget
@@ -90,10 +90,7 @@ def _other_spans(dht: DHT, prefix: str, num_blocks: int) -> list[tuple[int, int,
 
 def pick_blocks(config: PeerConfig, dht: DHT, prefix: str, num_blocks: int) -> tuple[int, int]:
     if config.blocks is not None:
-        start, end = parse_span(config.blocks)
-        if end > num_blocks:
-            raise ConfigError(f"--blocks {config.blocks}: the model has only {num_blocks} blocks")
-        return start, end
+        return check_span_fits(config.blocks, num_blocks)
     length = config.num_blocks or num_blocks
     others = _other_spans(dht, prefix, num_blocks)
     cov = throughput_coverage(num_blocks, others)
@@ -261,6 +258,7 @@ async def serve_peer(config: PeerConfig) -> None:
                     continue
                 if target is not None:
                     return target
+                logger.info(f"rebalance check: staying on blocks {start}:{end}")
         return None
 
     try:

@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
     from swarm import AutoDistributedModelForCausalLM
 
@@ -55,6 +55,16 @@ def main() -> None:
             elapsed = time.perf_counter() - began
             new_tokens = out.shape[1] - inputs.shape[1]
             print(f"\n[demo] {new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s)")
+            # The swarm must produce what transformers produces with the whole model in one place.
+            local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            torch.manual_seed(args.seed)
+            expected = local.generate(inputs, max_new_tokens=args.max_new_tokens)
+            if not torch.equal(out, expected):
+                n = min(out.shape[1], expected.shape[1])
+                mismatch = (out[0, :n] != expected[0, :n]).nonzero()
+                differs = int(mismatch[0]) if len(mismatch) else n
+                sys.exit(f"[demo] error: the swarm's tokens differ from local transformers' from token {differs} on")
+            print("[demo] the same tokens as local transformers running the whole model")
         finally:
             model.shutdown()
         print("[demo] stopping the peers ...", flush=True)

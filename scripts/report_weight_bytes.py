@@ -3,6 +3,8 @@
     python scripts/report_weight_bytes.py [CHECKPOINT_DIR] [--block 0]
 
 Without a checkpoint it makes the benchmark's random-weight ~110M Llama (hidden 768) in a temporary directory.
+Each block is measured after one warm-up forward, like a peer's report: on AVX512-BF16 CPUs bitsandbytes repacks nf4
+weights (and un-nests their absmax) on that forward.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_tools import PRESETS, make_random_checkpoint  # noqa: E402
 
 from blocks.checkpoint import open_checkpoint  # noqa: E402
-from blocks.quantization import QUANT_MODES, weight_bytes_report  # noqa: E402
-from blocks.span import load_block  # noqa: E402
+from blocks.quantization import QUANT_MODES, nf4_cpu_kernel, weight_bytes_report  # noqa: E402
+from blocks.span import load_span  # noqa: E402
+from peers.throughput import warm_up  # noqa: E402
 
 
 def main() -> None:
@@ -33,8 +36,9 @@ def main() -> None:
         path = args.checkpoint or make_random_checkpoint(Path(tmp) / "bench-110m", "llama", **PRESETS["bench-110m"])
         ckpt = open_checkpoint(path)
         for mode in QUANT_MODES:
-            block = load_block(ckpt, args.block, torch.float32, quant=mode)
-            report = weight_bytes_report(block)
+            span = load_span(ckpt, args.block, args.block + 1, torch.float32, quant=mode, progress=False)
+            warm_up(span)
+            report = weight_bytes_report(span)
             print(
                 json.dumps(
                     {
@@ -45,6 +49,7 @@ def main() -> None:
                         "fp16_bytes": report["fp16_bytes"],
                         "ratio_vs_fp16": round(report["ratio_vs_fp16"], 4),
                         "bytes_per_weight": round(report["bytes_per_weight"], 4),
+                        "nf4_cpu_kernel": nf4_cpu_kernel(),
                     }
                 )
             )

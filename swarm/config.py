@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.p2p import PeerID
 
+from dht.maddrs import parse_host_maddrs, parse_initial_peers
+
 
 @dataclass
 class ClientConfig:
@@ -41,6 +43,9 @@ class ClientConfig:
     local_blocks: int | tuple[int, int] = 0
 
     def __post_init__(self) -> None:
+        # Here, not when the DHT starts: a bad address is a one-line MaddrError (a ValueError) naming the field.
+        self.initial_peers = parse_initial_peers(self.initial_peers, "initial_peers")
+        self.host_maddrs = parse_host_maddrs(self.host_maddrs, "host_maddrs")
         if self.wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {self.wire_dtype}")
         for name in ("connect_timeout", "request_timeout", "discovery_timeout", "snapshot_ttl", "push_grace"):

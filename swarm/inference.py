@@ -130,6 +130,17 @@ class InferenceSession:
         self.position = position + hidden.shape[1]
         return torch.cat(outputs, dim=1).to(hidden.dtype)
 
+    def rewind(self, length: int) -> None:
+        """Forget every token after the first `length`: the next step starts there (the peers crop their caches
+        when it arrives; the client's own local blocks crop theirs now)."""
+        if not 0 <= length <= self.position:
+            raise ValueError(f"cannot rewind a session of {self.position} tokens to {length}")
+        for cache in self.local_caches.values():
+            cache.crop(length - cache.get_seq_length())
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[:, :length]
+        self.position = length
+
     async def _step_all(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """One step through every span. With push, the client sends the step to the first peer only, naming the
         peers after it; each peer pushes its output straight into the next one's session and also returns it to
@@ -152,12 +163,12 @@ class InferenceSession:
                 else:
                     output = None
                     if not direct:
-                        output = await stream.receive(step, hidden, grace=self.sequence.config.push_grace)
+                        output = await stream.receive(step, hidden, position, grace=self.sequence.config.push_grace)
                         if output is None:
                             logger.debug(f"push to blocks {stream.uid} is late; sending step {step} directly")
                     if output is None:
                         await stream.send(hidden, position, step, [] if relay_rest else self._push_chain(i + 1))
-                        output = await stream.receive(step, hidden)
+                        output = await stream.receive(step, hidden, position)
                     direct = relay_rest or not self._push_chain(i + 1)
             except PeerError as e:
                 error = e

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PretrainedConfig
-from transformers.cache_utils import DynamicCache
+from transformers import GenerationConfig, LogitsProcessorList, PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM
@@ -31,21 +31,11 @@ from blocks.span import BlockSpan, load_span
 from privacy.exposure import ExposureLedger, split_local_blocks
 from swarm.config import ClientConfig
 from swarm.inference import InferenceSession
+from swarm.remote_cache import RemoteCache, StepCheck
 from swarm.sequence import RemoteSequence
 from swarm.tuning import ClientTuning
 
 logger = logging.getLogger(__name__)
-
-
-class RemoteCache(DynamicCache):
-    """What transformers' generate sees as the KV cache: its length is the number of tokens the peers hold."""
-
-    def __init__(self, session: InferenceSession):
-        super().__init__()
-        self.session = session
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return self.session.position
 
 
 class RemoteDecoderModel(nn.Module):
@@ -73,36 +63,35 @@ class RemoteDecoderModel(nn.Module):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if "past_key_values" in kwargs:  # transformers < 5.24 spelled it so; silently ignoring it gave wrong text
+            raise TypeError("past_key_values is not accepted: pass the cache as cache=")
         if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             raise NotImplementedError(
                 "padding (attention_mask with zeros) is not supported yet: pass sequences of equal length"
             )
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if isinstance(past_key_values, RemoteCache):
-            session = past_key_values.session
-            if position_ids is not None and int(position_ids.reshape(-1)[0]) != session.position:
-                raise ValueError(
-                    f"position_ids start at {int(position_ids.reshape(-1)[0])}, "
-                    f"but the session holds {session.position} tokens"
-                )
+        if isinstance(cache, RemoteCache):
+            session = cache.session
+            cache.check_step(hidden.shape[1], hidden.shape[0], position_ids)
             if "prompts" in self.tuning.params:
                 raise NotImplementedError(
                     "generation with shallow prompts is not supported through the swarm (deep prompts and LoRA are)"
                 )
+            cache.record_step(session.position, input_ids)
             hidden = self._run_in_session(session, hidden)
         else:
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("a local KV cache cannot be used with remote blocks; use model.inference_session()")
-            past_key_values = None
+            cache = None
             hidden = self._run_whole(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache)
 
     def _run_whole(self, hidden: torch.Tensor) -> torch.Tensor:
         """All blocks on whole sequences, differentiable w.r.t. the input and the client's trainables."""
@@ -269,8 +258,9 @@ class DistributedCausalLMMixin:
         """
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("past_key_values cannot be passed: the KV cache lives on the peers")
+        for key in ("cache", "past_key_values"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key} cannot be passed: the KV cache lives on the peers")
         mask = kwargs.pop("attention_mask", None)
         if mask is not None and not bool(mask.all()):
             raise NotImplementedError("padding (attention_mask with zeros) is not supported yet")
@@ -303,12 +293,15 @@ class DistributedCausalLMMixin:
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor, *args: Any, **kwargs: Any):
         if inputs.ndim != 2:
             raise ValueError(f"input ids must be [batch, length], got shape {list(inputs.shape)}")
+        cache = RemoteCache(session, self.config.num_hidden_layers)
+        processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), StepCheck(cache)])
         try:
             output = super().generate(
                 inputs,
                 *args,
-                past_key_values=RemoteCache(session),
+                cache=cache,
                 attention_mask=torch.ones_like(inputs),
+                logits_processor=processors,
                 **kwargs,
             )
         except BaseException:

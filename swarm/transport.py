@@ -67,6 +67,13 @@ def _check_output(response: runtime_pb2.ExpertResponse, like: torch.Tensor, max_
     return _check_tensor(decode_tensor(response.tensors[0], max_numel=max_numel), like)
 
 
+def _check_session_length(reply: dict[str, Any], expected: int) -> None:
+    """After a step the peer reports how many tokens its cache holds: it must be where the client's session is."""
+    held = reply.get("position")
+    if held != expected:
+        raise ProtocolError(f"the peer's cache holds {held!r} tokens after this step, the client's session {expected}")
+
+
 def _check_tensor(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.shape != like.shape or out.dtype != like.dtype:
         raise ProtocolError(f"answer has shape {list(out.shape)} {out.dtype}, expected {list(like.shape)} {like.dtype}")
@@ -123,7 +130,9 @@ class InferenceStream:
             response = await self._receive(self.timeout)
             elapsed = time.perf_counter() - began
             output = _check_output(response, hidden, self.max_numel)
-            compute = decode_metadata(response.metadata).get("compute_s", 0.0)
+            reply = decode_metadata(response.metadata)
+            _check_session_length(reply, position + hidden.shape[1])
+            compute = reply.get("compute_s", 0.0)
             if not isinstance(compute, float) or not 0.0 <= compute <= elapsed:
                 compute = 0.0  # a bad report only makes our latency estimate pessimistic
             self.last_rtt = elapsed - compute
@@ -149,9 +158,11 @@ class InferenceStream:
                 raise _as_peer_error(self.peer_id, e) from e
             raise
 
-    async def receive(self, step: int, like: torch.Tensor, grace: float | None = None) -> torch.Tensor | None:
-        """The output of step `step`. With `grace`, returns None if it has not come within `grace` seconds; the
-        reply keeps being read in the background and a later call gets it."""
+    async def receive(
+        self, step: int, like: torch.Tensor, position: int, grace: float | None = None
+    ) -> torch.Tensor | None:
+        """The output of step `step` (sent at `position`). With `grace`, returns None if it has not come within
+        `grace` seconds; the reply keeps being read in the background and a later call gets it."""
         if self._writer is None:
             raise PeerError(self.peer_id, "the session with this peer is closed")
         if self._pending is None:
@@ -166,6 +177,7 @@ class InferenceStream:
             meta = decode_metadata(response.metadata)
             if meta.get("step") != step:
                 raise ProtocolError(f"expected the answer to step {step}, got one to step {meta.get('step')!r}")
+            _check_session_length(meta, position + like.shape[1])
             return _check_output(response, like, self.max_numel)
         except BaseException as e:
             await self.close()

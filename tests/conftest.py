@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -15,6 +18,23 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from local_swarm import LocalSwarm  # noqa: E402
 from model_tools import make_random_checkpoint  # noqa: E402
+
+T = TypeVar("T")
+# Generous: the suite must hold while other processes keep both cores busy.
+WAIT_TIMEOUT = 60.0
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = WAIT_TIMEOUT, interval: float = 0.05) -> T:
+    """Poll `condition` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(interval)
+
 
 # Peers in tests log warnings only and use one compute thread each: tests run several processes on 2 cores.
 PEER_ARGS = ["--log-level", "WARNING"]

@@ -16,6 +16,7 @@ from peers.config import DEFAULT_HOST_MADDRS, ConfigError, DhtConfig, PeerConfig
 
 ENV = "SWARM_PEER_"
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+TWO_HOSTS = ["/ip4/0.0.0.0/tcp/31337", "/ip6/::/udp/31337/quic-v1"]
 
 
 def load(argv: list[str]) -> PeerConfig:
@@ -31,7 +32,18 @@ def clean_env(monkeypatch):
 
 def test_flags_map_to_fields():
     config = load(
-        ["MODEL", "--blocks", "0:4", "--new-swarm", "--max-length", "100", "--quant", "nf4", "--host-maddrs", "a", "b"]
+        [
+            "MODEL",
+            "--blocks",
+            "0:4",
+            "--new-swarm",
+            "--max-length",
+            "100",
+            "--quant",
+            "nf4",
+            "--host-maddrs",
+            *TWO_HOSTS,
+        ]
     )
     assert isinstance(config, PeerConfig)
     assert config.model == "MODEL"
@@ -39,7 +51,7 @@ def test_flags_map_to_fields():
     assert config.new_swarm is True
     assert config.max_length == 100 and isinstance(config.max_length, int)
     assert config.quant == "nf4"
-    assert config.host_maddrs == ["a", "b"]
+    assert config.host_maddrs == TWO_HOSTS
     # everything else keeps its default
     defaults = PeerConfig()
     for name in ("dtype", "device", "num_blocks", "cache_tokens", "record_ttl", "announce_period", "initial_peers"):
@@ -166,6 +178,9 @@ def test_missing_config_file(tmp_path):
         (["M", "--new-swarm", "--num-blocks", "0"], "--num-blocks"),
         (["M"], "--initial-peers"),
         (["M", "--new-swarm", "--initial-peers", PEER], "--new-swarm"),
+        (["M", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "--initial-peers: '/ip4/127.0.0.1/tcp/31337'"),
+        (["M", "--new-swarm", "--host-maddrs", "x"], "--host-maddrs: 'x' is not a valid multiaddr"),
+        (["M", "--new-swarm", "--announce-maddrs", "/ip4/1.2.3.4/tcp/0"], "--announce-maddrs"),
         (["M", "--new-swarm", "--record-ttl", "30", "--announce-period", "30"], "--record-ttl"),
         (["M", "--new-swarm", "--record-ttl", "10"], "--record-ttl"),
         (["M", "--new-swarm", "--announce-period", "0"], "--announce-period"),
@@ -221,12 +236,12 @@ def test_bool_env_invalid(monkeypatch, text):
 
 def test_env_values(monkeypatch):
     monkeypatch.setenv("SWARM_PEER_NEW_SWARM", "1")
-    monkeypatch.setenv("SWARM_PEER_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0 /ip4/127.0.0.1/udp/0/quic")
+    monkeypatch.setenv("SWARM_PEER_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0 /ip4/127.0.0.1/udp/0/quic-v1")
     monkeypatch.setenv("SWARM_PEER_RECORD_TTL", "120.5")
     monkeypatch.setenv("SWARM_PEER_MODEL", "env-model")
     config = load([])
     assert config.model == "env-model"
-    assert config.host_maddrs == ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic"]
+    assert config.host_maddrs == ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"]
     assert config.record_ttl == 120.5
 
 

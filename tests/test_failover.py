@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import start_swarm
+from conftest import start_swarm, wait_until
 from hivemind.p2p import PeerID
 from transformers.generation.streamers import BaseStreamer
 
@@ -107,7 +107,7 @@ def test_restarted_peer_with_same_identity_is_used_again_after_its_ban(tmp_path,
 
             again = swarm.start_peer((0, 4), extra_args=["--log-level", "WARNING", "--identity-path", key], name="a2")
             assert again.info["peer_id"] == peer_a  # same identity, same peer ID
-            time.sleep(1.5)  # the ban (capped at 1 s here) runs out
+            wait_until(lambda: PeerID.from_base58(peer_a) not in sequence.banned(), "the ban (at most 1 s) runs out")
             model.model.sequence.snapshot(refresh=True)
             assert torch.allclose(model(ids).logits, expected, atol=1e-4, rtol=0)
             assert [s.peer_id.to_base58() for s in sequence.make_route()] == [peer_a]

@@ -198,7 +198,7 @@ def test_history_store_survives_reopen_and_prunes(tmp_path):
 
 
 def test_config_flags_env_and_file(tmp_path, monkeypatch):
-    peers = ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]
+    peers = ["/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"]
     (tmp_path / "m.toml").write_text('scrape-period = 5.0\nmodels = ["a", "b"]\nport = 9000\n')
     monkeypatch.setenv("SWARM_MONITOR_PORT", "9100")
     config = load_monitor_config(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
-from conftest import PEER_ARGS
+from conftest import PEER_ARGS, wait_until
 from local_swarm import LocalSwarm
 
 from swarm import AutoDistributedModelForCausalLM
@@ -22,7 +22,8 @@ def test_peers_spread_over_the_model_and_one_moves_to_fill_a_gap(llama_ckpt, loc
         moving = ["--num-blocks", "1", "--rebalance-period", "1", "--log-level", "INFO"]
         mover = swarm.start_peer(None, extra_args=moving, name="mover")
         doubled = mover.info["blocks"][0]
-        time.sleep(3)
+        # Two rebalance checks (about a second apart) find nothing worth moving for.
+        wait_until(lambda: mover.log_file.read_text().count("rebalance check: staying") >= 2, "two rebalance checks")
         assert mover.ready_file.exists() and swarm.wait_ready(mover)["blocks"][0] == doubled, "moved for no gain"
 
         # The only server of another block leaves: the mover may leave its doubled block, and fills the gap.

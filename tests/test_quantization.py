@@ -7,10 +7,18 @@ import copy
 import bitsandbytes as bnb
 import pytest
 import torch
+from bitsandbytes.functional import QuantState, has_avx512bf16
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from blocks.quantization import QUANT_MODES, linear_weight_bytes, quantize_linear_layers, weight_bytes_report
+from blocks.quantization import (
+    QUANT_MODES,
+    linear_weight_bytes,
+    nf4_cpu_kernel,
+    quantize_linear_layers,
+    share_quant_tables,
+    weight_bytes_report,
+)
 
 SEQ_LEN = 16
 
@@ -98,7 +106,7 @@ def test_quantized_storage_and_size(
         assert all(m.weight.numel() * 2 == m.in_features * m.out_features for m in linears)  # two per byte
 
     ratio = linear_weight_bytes(q) / fp16_bytes
-    # Measured: int8 0.507 (1 B/weight + float32 SCB per row), nf4 0.263 (nested absmax).
+    # Measured: int8 0.507 (1 B/weight + float32 SCB per row), nf4 0.259 (nested absmax, shared code tables).
     assert ratio <= MAX_RATIO_VS_FP16[mode]
     assert weight_bytes_report(q)["ratio_vs_fp16"] == pytest.approx(ratio)
 
@@ -122,6 +130,41 @@ def test_quantized_forward_matches_float(
     out_tol, delta_tol = TOLERANCES[(mode, dtype)]
     assert _rel_err(out, ref) < out_tol
     assert _rel_err(out - hidden, ref - hidden) < delta_tol
+
+
+def _nf4_states(module: torch.nn.Module) -> list[QuantState]:
+    return [m.weight.quant_state for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def test_nf4_code_tables_are_one_allocation_and_outputs_unchanged(
+    layer: LlamaDecoderLayer, config: LlamaConfig, hidden: torch.Tensor
+) -> None:
+    # Two blocks quantized one after the other, as load_span does: all 14 layers read the same two tables.
+    shared = torch.nn.ModuleList(quantize_linear_layers(copy.deepcopy(layer), "nf4", torch.float32) for _ in range(2))
+    states = _nf4_states(shared)
+    assert len(states) == 14
+    assert len({s.code.data_ptr() for s in states}) == 1
+    assert len({s.state2.code.data_ptr() for s in states}) == 1
+
+    # The same blocks with a private copy of each table per layer, as bnb builds them.
+    private = torch.nn.ModuleList(quantize_linear_layers(copy.deepcopy(layer), "nf4", torch.float32) for _ in range(2))
+    for state in _nf4_states(private):
+        state.code, state.state2.code = state.code.clone(), state.state2.code.clone()
+    table_bytes = states[0].code.nbytes + states[0].state2.code.nbytes  # 64 + 1024
+    assert linear_weight_bytes(private) - linear_weight_bytes(shared) == 13 * table_bytes
+
+    for shared_block, private_block in zip(shared, private, strict=True):
+        assert torch.equal(_forward(shared_block, config, hidden), _forward(private_block, config, hidden))
+
+    # Sharing goes by exact bytes: NF4's zero entry stored as -0.0 is a different table and stays apart.
+    odd = _nf4_states(private)[0]
+    odd.code[7] = -0.0
+    share_quant_tables(private)
+    assert {s.code.data_ptr() for s in _nf4_states(private)} == {odd.code.data_ptr(), states[0].code.data_ptr()}
+
+
+def test_nf4_cpu_kernel_names_bnb_path() -> None:
+    assert nf4_cpu_kernel() == ("avx512bf16" if has_avx512bf16() else "generic")
 
 
 def test_bias_is_kept_and_bare_linear_is_swapped() -> None:

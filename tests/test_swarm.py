@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import torch
-from conftest import start_swarm
+from conftest import start_swarm, wait_until
 from hivemind.utils import get_dht_time
 from transformers.generation.streamers import BaseStreamer
 
@@ -172,16 +171,26 @@ def test_sigterm_announces_offline_and_exits_zero(llama_ckpt, llama_swarm, llama
         name="leaving",
     )
     sequence = llama_client.model.sequence
-    time.sleep(4.5)  # longer than the record TTL: only the periodic refresh keeps the records alive
-    servers = fetch_block_servers(sequence.dht, sequence.prefix, [1, 2])
-    mine = [s for found in servers.values() for s in found if s.peer_id.to_base58() == peer.info["peer_id"]]
-    assert {s.block for s in mine} == {1, 2} and all(s.record.state == "online" for s in mine)
-    assert all(s.expiration <= get_dht_time() + 3 for s in mine), "records must expire unless refreshed"
-    assert mine[0].record.public_name == "leaving-peer"
+    peer_id = peer.info["peer_id"]
+
+    def records() -> list:
+        servers = fetch_block_servers(sequence.dht, sequence.prefix, [1, 2])
+        return [s for found in servers.values() for s in found if s.peer_id.to_base58() == peer_id]
+
+    first = wait_until(lambda: [s for s in records() if s.record.state == "online"], "the peer's records appear")
+    assert all(s.expiration <= get_dht_time() + 3 for s in first), "records must expire unless refreshed"
+    assert first[0].record.public_name == "leaving-peer"
+    # Past the first records' expiration, only the periodic refresh keeps the records alive.
+    expired_at = max(s.expiration for s in first)
+
+    def alive_past_first_ttl() -> bool:
+        mine = records()
+        online = {s.block for s in mine if s.record.state == "online"} == {1, 2}
+        return get_dht_time() > expired_at and online
+
+    wait_until(alive_past_first_ttl, "the records are refreshed: still online after the first ones expired")
     assert llama_swarm.stop_peer(peer) == 0
-    servers = fetch_block_servers(sequence.dht, sequence.prefix, [1, 2])
-    mine = [s for found in servers.values() for s in found if s.peer_id.to_base58() == peer.info["peer_id"]]
-    assert mine and all(s.record.state == "offline" for s in mine)
+    wait_until(lambda: (mine := records()) and all(s.record.state == "offline" for s in mine), "offline records")
     # the client keeps working through the remaining peers
     assert llama_client(prompt()).logits.shape == (1, 12, 512)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dht.records import InvalidPrefixError, check_prefix
-from peers.config import DEFAULT_HOST_MADDRS, ConfigError, _check_log_level, _opt, load_config
+from dht.maddrs import parse_host_maddrs, parse_initial_peers
+from peers.config import DEFAULT_HOST_MADDRS, ConfigError, _check_log_level, _opt, checked_maddrs, load_config
 
 
 @dataclass
@@ -42,11 +42,8 @@ class MonitorConfig:
         _check_log_level(self.log_level)
         if not self.initial_peers:
             raise ConfigError("give --initial-peers MADDR ... of any peer of the swarm")
-        for prefix in self.models:
-            try:
-                check_prefix(prefix)
-            except InvalidPrefixError as e:
-                raise ConfigError(f"--models: {e}") from None
+        self.initial_peers = checked_maddrs(parse_initial_peers, self.initial_peers, "--initial-peers")
+        self.host_maddrs = checked_maddrs(parse_host_maddrs, self.host_maddrs, "--host-maddrs")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         for name in ("scrape_period", "dht_timeout", "rtt_timeout", "history_window", "page_refresh"):
@@ -61,7 +58,20 @@ class MonitorConfig:
             )
         if self.history_retention < self.history_window:
             raise ConfigError("--history-retention must be at least --history-window, or the page shows a gap")
+        if self.models:
+            _check_models(self.models)
         return self
+
+
+def _check_models(models: list[str]) -> None:
+    """Each --models entry is a valid DHT prefix (dht.records' rule)."""
+    from dht.records import InvalidPrefixError, check_prefix  # imports hivemind (seconds): only when needed
+
+    for prefix in models:
+        try:
+            check_prefix(prefix)
+        except InvalidPrefixError as e:
+            raise ConfigError(f"--models: {e}") from None
 
 
 def load_monitor_config(argv: list[str] | None = None) -> MonitorConfig:
