@@ -167,7 +167,7 @@ def test_missing_blocks_fail_with_a_clear_error(llama_ckpt, llama_swarm):
 def test_sigterm_announces_offline_and_exits_zero(llama_ckpt, llama_swarm, llama_client):
     peer = llama_swarm.start_peer(
         (1, 3),
-        extra_args=["--public-name", "leaving-peer", "--announce-period", "0.5", "--record-ttl", "3"],
+        extra_args=["--public-name", "leaving-peer", "--announce-period", "1", "--record-ttl", "8"],
         name="leaving",
     )
     sequence = llama_client.model.sequence
@@ -178,7 +178,7 @@ def test_sigterm_announces_offline_and_exits_zero(llama_ckpt, llama_swarm, llama
         return [s for found in servers.values() for s in found if s.peer_id.to_base58() == peer_id]
 
     first = wait_until(lambda: [s for s in records() if s.record.state == "online"], "the peer's records appear")
-    assert all(s.expiration <= get_dht_time() + 3 for s in first), "records must expire unless refreshed"
+    assert all(s.expiration <= get_dht_time() + 8 for s in first), "records must expire unless refreshed"
     assert first[0].record.public_name == "leaving-peer"
     # Past the first records' expiration, only the periodic refresh keeps the records alive.
     expired_at = max(s.expiration for s in first)
@@ -190,7 +190,9 @@ def test_sigterm_announces_offline_and_exits_zero(llama_ckpt, llama_swarm, llama
 
     wait_until(alive_past_first_ttl, "the records are refreshed: still online after the first ones expired")
     assert llama_swarm.stop_peer(peer) == 0
+    # The offline records live one TTL (8 s): long enough to be read on a loaded machine.
     wait_until(lambda: (mine := records()) and all(s.record.state == "offline" for s in mine), "offline records")
+    assert "could not announce going offline" not in peer.log_file.read_text()
     # the client keeps working through the remaining peers
     assert llama_client(prompt()).logits.shape == (1, 12, 512)
 
