@@ -1,10 +1,10 @@
-"""Client-owned trainable tensors applied to frozen blocks: deep prompts and LoRA. Peers and the client's local
-blocks run the same code, so a span computes the same function wherever it runs.
+"""Client-owned tensors applied to frozen blocks: an :class:`Adapters` value of deep prompts and LoRA pairs. Peers
+and the client's local blocks run the same code, so a span computes the same function wherever it runs.
 
-Tensors are named; a name and its shape fully describe what it does:
+Tensors are named; a name and its shape fully describe what it does (the names are also their wire encoding):
 
-- ``prompts`` — deep prompts for the blocks of a request, [n_blocks, P, H] (shared) or [B, n_blocks, P, H]
-  (one copy per example). Before block j of the request runs, ``prompts[j]`` is ADDED to the hidden states at
+- ``deep_prompts`` — for blocks ``first_block, first_block + 1, ...``: [n_blocks, P, H] (shared) or
+  [B, n_blocks, P, H] (one copy per example). Before block j runs, its prompt is ADDED to the hidden states at
   positions 0..P-1 of every sequence (P must not exceed the number of tokens). This is Petals' deep prompt tuning.
 - ``lora.{block}.{module}.A`` / ``.B`` — LoRA of linear module `module` (e.g. ``q_proj``) of global block `block`:
   A [r, in_features], B [out_features, r] (shared) or with a leading batch dim (per example). The module's output
@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ LORA_MODULES: dict[str, str] = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
-PROMPTS = "prompts"
+DEEP_PROMPTS = "deep_prompts"
 _LORA_NAME = re.compile(r"lora\.(\d{1,6})\.([a-z_]{1,16})\.([AB])")
 
 
@@ -56,6 +58,83 @@ def linear_module(layer: nn.Module, module: str) -> nn.Linear:
     return getattr(getattr(layer, LORA_MODULES[module]), module)
 
 
+def is_per_example(name: str, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` has a leading batch dim (one copy per example) on top of its shared shape."""
+    return tensor.dim() == (3 if name == DEEP_PROMPTS else 2) + 1
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """What a client attaches to blocks: named deep prompts and LoRA tensors (see the module docstring), the LoRA
+    scale, and the global index of the block that ``deep_prompts`` starts at. Immutable: every operation returns a
+    new value sharing the tensors."""
+
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    lora_scale: float = 1.0
+    first_block: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    def __bool__(self) -> bool:
+        return bool(self.tensors)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.tensors)
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return list(self.tensors.values())
+
+    @property
+    def deep_prompts(self) -> torch.Tensor | None:
+        return self.tensors.get(DEEP_PROMPTS)
+
+    @property
+    def prompt_length(self) -> int:
+        prompts = self.deep_prompts
+        return 0 if prompts is None else int(prompts.shape[-2])
+
+    def lora_pairs(self) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+        """(block, module) -> {"A": ..., "B": ...} of the LoRA tensors."""
+        pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for name, tensor in self.tensors.items():
+            parsed = parse_lora_name(name)
+            if parsed is not None:
+                pairs.setdefault(parsed[:2], {})[parsed[2]] = tensor
+        return pairs
+
+    def replace(self, tensors: Mapping[str, torch.Tensor]) -> Adapters:
+        """The same adapters with other tensors under the same names (e.g. autograd's inputs, or gradients)."""
+        if set(tensors) != set(self.tensors):
+            raise ValueError(f"tensors {sorted(tensors)} do not match the adapters' {sorted(self.tensors)}")
+        return Adapters({name: tensors[name] for name in self.tensors}, self.lora_scale, self.first_block)
+
+    def select(self, start: int, end: int) -> Adapters:
+        """The adapters of blocks [start, end): deep prompts sliced to them (now starting at `start`), their LoRA."""
+        selected: dict[str, torch.Tensor] = {}
+        prompts = self.deep_prompts
+        if prompts is not None:
+            a, b = start - self.first_block, end - self.first_block
+            selected[DEEP_PROMPTS] = prompts[:, a:b] if prompts.dim() == 4 else prompts[a:b]
+        for name, tensor in self.tensors.items():
+            parsed = parse_lora_name(name)
+            if parsed is not None and start <= parsed[0] < end:
+                selected[name] = tensor
+        return Adapters(selected, self.lora_scale, start)
+
+    def rows(self, rows: slice) -> Adapters:
+        """Examples `rows` of the per-example tensors; shared tensors as they are."""
+        return self.replace({n: t[rows] if is_per_example(n, t) else t for n, t in self.tensors.items()})
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Adapters:
+        return self.replace({n: t.to(device=device, dtype=dtype) for n, t in self.tensors.items()})
+
+    def detach(self) -> Adapters:
+        return self.replace({n: t.detach() for n, t in self.tensors.items()})
+
+
 def _lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     a, b = a.to(x.dtype), b.to(x.dtype)
     if a.dim() == 2:  # shared by the whole batch
@@ -65,20 +144,15 @@ def _lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float)
 
 
 @contextlib.contextmanager
-def lora_hooks(span: BlockSpan, tensors: Mapping[str, torch.Tensor], scale: float) -> Iterator[None]:
-    """Apply the LoRA tensors among `tensors` to `span`'s layers while the block is open; hooks are removed after."""
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        parsed = parse_lora_name(name)
-        if parsed is not None:
-            pairs.setdefault(parsed[:2], {})[parsed[2]] = tensor
+def lora_hooks(span: BlockSpan, adapters: Adapters) -> Iterator[None]:
+    """Apply the adapters' LoRA to `span`'s layers while the block is open; hooks are removed after."""
     handles = []
     try:
-        for (block, module), pair in sorted(pairs.items()):
+        for (block, module), pair in sorted(adapters.lora_pairs().items()):
             target = linear_module(span.layers[block - span.start], module)
 
             def hook(_mod: nn.Module, args: tuple, output: torch.Tensor, a=pair["A"], b=pair["B"]) -> torch.Tensor:
-                return output + _lora_delta(args[0], a, b, scale)
+                return output + _lora_delta(args[0], a, b, adapters.lora_scale)
 
             handles.append(target.register_forward_hook(hook))
         yield
@@ -111,43 +185,24 @@ def run_span(
     hidden: torch.Tensor,
     start: int,
     end: int,
-    tensors: Mapping[str, torch.Tensor] | None = None,
-    lora_scale: float = 1.0,
+    adapters: Adapters | None = None,
     cache=None,
     position_offset: int = 0,
 ) -> torch.Tensor:
-    """Blocks [start, end) of `span` on `hidden` with the given deep prompts (for exactly these blocks) and LoRA."""
-    tensors = tensors or {}
-    prompts = tensors.get(PROMPTS)
+    """Blocks [start, end) of `span` on `hidden` with `adapters` selected for exactly these blocks."""
+    adapters = adapters or Adapters(first_block=start)
+    prompts = adapters.deep_prompts
     if prompts is None:
-        with lora_hooks(span, tensors, lora_scale):
+        with lora_hooks(span, adapters):
             return span(hidden, cache, position_offset, start, end)
+    if adapters.first_block != start or prompts.shape[-3] != end - start:
+        raise ValueError(
+            f"deep prompts for {prompts.shape[-3]} blocks from block {adapters.first_block}, not [{start}, {end})"
+        )
     check_prompt_positions(prompts.shape[-2], position_offset, hidden.shape[1])
-    with lora_hooks(span, tensors, lora_scale):
+    with lora_hooks(span, adapters):
         for j, block in enumerate(range(start, end)):
             if position_offset == 0:  # later requests start after the prompts' positions
                 hidden = add_prompt(hidden, prompts[j] if prompts.dim() == 3 else prompts[:, j])
             hidden = span(hidden, cache, position_offset, block, block + 1)
     return hidden
-
-
-def is_per_example(name: str, tensor: torch.Tensor) -> bool:
-    """Whether `tensor` has a leading batch dim (one copy per example) on top of its shared shape."""
-    return tensor.dim() == (3 if name == PROMPTS else 2) + 1
-
-
-def select_tensors(
-    tensors: Mapping[str, torch.Tensor], start: int, end: int, base: int = 0, prompt_key: str = PROMPTS
-) -> dict[str, torch.Tensor]:
-    """The tensors for blocks [start, end), named as a request for those blocks names them: deep prompts
-    (`tensors[prompt_key]`, whose block dim starts at block `base`) sliced to these blocks, LoRA of these blocks."""
-    selected: dict[str, torch.Tensor] = {}
-    prompts = tensors.get(prompt_key)
-    if prompts is not None:
-        per_example = prompts.dim() == 4
-        selected[PROMPTS] = prompts[:, start - base : end - base] if per_example else prompts[start - base : end - base]
-    for name, tensor in tensors.items():
-        parsed = parse_lora_name(name)
-        if parsed is not None and start <= parsed[0] < end:
-            selected[name] = tensor
-    return selected

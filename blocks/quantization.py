@@ -27,7 +27,7 @@ import bitsandbytes as bnb  # noqa: E402 (after the filter above)
 from bitsandbytes.functional import QuantState, has_avx512bf16  # noqa: E402
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear  # noqa: E402
 
-QUANT_MODES = ("none", "int8", "nf4")
+from blocks.names import QUANT_MODES  # noqa: E402
 
 # bnb's CPU fast path for nf4 (AVX512-BF16 repacking + fused gemv kernel) asserts these shape constraints;
 # layers that violate them must stay on the generic dequantize-then-matmul path.

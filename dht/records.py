@@ -20,6 +20,7 @@ from hivemind.dht.schema import SchemaValidator, conbytes
 from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPublicKey
 
+from blocks.names import DtypeName, QuantMode
 from dht.identity import peer_id_of
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ class ServerRecord(pydantic.BaseModel):
     start: pydantic.conint(strict=True, ge=0)
     end: pydantic.conint(strict=True, ge=1)
     throughput: pydantic.confloat(strict=True, ge=0.0)  # tokens/s through the whole span, measured at start-up
-    dtype: Literal["float32", "bfloat16", "float16"]
-    quant: Literal["none", "int8", "nf4"]
+    dtype: DtypeName
+    quant: QuantMode
     cache_tokens_left: pydantic.conint(strict=True, ge=0)
     max_length: pydantic.conint(strict=True, ge=1)
     version: pydantic.constr(strict=True, max_length=64)
@@ -127,3 +128,50 @@ def parse_block_entries(block: int, entries: dict[Any, tuple[Any, float]]) -> li
             continue
         servers.append(BlockServer(peer_id, block, record, float(expiration)))
     return servers
+
+
+@dataclass(frozen=True)
+class PeerAnnouncement:
+    """What one peer announces, merged from its per-block records (see :func:`peer_announcements`)."""
+
+    peer_id: PeerID
+    record: ServerRecord  # the freshest of the peer's block records: it stands for the peer
+    blocks: tuple[int, ...]  # sorted blocks whose record announces the freshest record's state and span
+    start: int  # [start, end): the contiguous run of `blocks` from the first one, the blocks one can route through
+    end: int
+    expiration: float  # the freshest record's
+
+    @property
+    def state(self) -> ServerState:
+        return self.record.state
+
+
+def peer_announcements(servers: dict[int, list[BlockServer]]) -> dict[PeerID, PeerAnnouncement]:
+    """Block -> servers, regrouped per peer: one announcement per peer, whatever its state.
+
+    A peer's freshest record (latest expiration; the first found on a tie) is its announcement. Its blocks are those
+    whose record has that record's state and span, so records left over from an earlier span or state of the same
+    peer (e.g. before a restart or a move) are ignored until they expire. Where a block's record has lapsed, only
+    the contiguous run from the first announced block is served as one span (`start`, `end`).
+    """
+    found: dict[PeerID, list[BlockServer]] = {}
+    for entries in servers.values():
+        for entry in entries:
+            found.setdefault(entry.peer_id, []).append(entry)
+    announcements = {}
+    for peer_id, entries in found.items():
+        freshest = max(entries, key=lambda e: e.expiration)
+        claim = _claim(freshest.record)
+        blocks = sorted({e.block for e in entries if _claim(e.record) == claim})
+        end = blocks[0]
+        while end in blocks:
+            end += 1
+        announcements[peer_id] = PeerAnnouncement(
+            peer_id, freshest.record, tuple(blocks), blocks[0], end, freshest.expiration
+        )
+    return announcements
+
+
+def _claim(record: ServerRecord) -> tuple[str, int, int]:
+    """What records of one announcement share; throughput and free cache change between refreshes."""
+    return record.state, record.start, record.end

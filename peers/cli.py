@@ -13,7 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
-from peers.config import ConfigError, DhtConfig, PeerConfig, check_span_fits, load_config
+from peers.config import DhtConfig, PeerConfig, check_span_fits
+from peers.settings import ConfigError, load_config
 
 
 def _ignore_stop_signals() -> None:
@@ -89,7 +90,8 @@ def peer_main(argv: list[str] | None = None) -> None:
         check_model(config)
     except (ConfigError, CheckpointError, UnsupportedModelError) as e:
         sys.exit(f"swarm-peer: error: {e}")
-    from peers.runner import serve_peer, setup_process
+    from peers.peer import serve_peer
+    from peers.runner import setup_process
 
     setup_process(config, config.num_threads)
     try:

@@ -7,7 +7,13 @@ each); the swarm is as fast as its weakest block, so a peer goes where it raises
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only types: these pure functions need no DHT
+    from hivemind.p2p import PeerID
+
+    from dht.records import PeerAnnouncement
 
 
 def coverage(num_blocks: int, spans: Sequence[tuple[int, int]]) -> list[int]:
@@ -34,6 +40,15 @@ def effective_throughputs(throughputs: Sequence[float], default: float = 1.0) ->
     known = [t for t in throughputs if t > 0]
     typical = statistics.median(known) if known else default
     return [t if t > 0 else typical for t in throughputs]
+
+
+def spans_of_others(announcements: Mapping[PeerID, PeerAnnouncement], me: PeerID) -> list[tuple[int, int, float]]:
+    """(start, end, throughput) of every peer but `me` that is not announced offline (joining ones count: they are
+    coming), each over the contiguous run of blocks it announces (dht.records.peer_announcements), peers not
+    measured yet counted as typical ones (effective_throughputs)."""
+    others = [a for peer_id, a in announcements.items() if peer_id != me and a.state != "offline"]
+    throughputs = effective_throughputs([a.record.throughput for a in others])
+    return [(a.start, a.end, t) for a, t in zip(others, throughputs, strict=True)]
 
 
 def _with_span(cov: Sequence[float], start: int, end: int, weight: float) -> list[float]:

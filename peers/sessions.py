@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from transformers.cache_utils import DynamicCache
 
-from peers.protocol import ProtocolError
+from blocks.adapters import Adapters
+from peers.wire.framing import ProtocolError
 
 
 class CacheFullError(ProtocolError):
@@ -71,9 +72,8 @@ class PeerSession:
     position: int = 0
     last_active: float = field(default_factory=time.monotonic)
     session_id: int = field(default_factory=lambda: next(_session_ids))
-    # the client's deep prompts / LoRA tensors for these blocks, sent once when the session opens
-    tensors: dict = field(default_factory=dict)
-    lora_scale: float = 1.0
+    # the client's deep prompts / LoRA for these blocks, sent once when the session opens
+    adapters: Adapters = field(default_factory=Adapters)
 
     @property
     def reserved_tokens(self) -> int:

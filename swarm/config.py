@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.p2p import PeerID
 
+from blocks.dtypes import DTYPES
 from dht.maddrs import parse_host_maddrs, parse_initial_peers
 
 
@@ -46,8 +47,8 @@ class ClientConfig:
         # Here, not when the DHT starts: a bad address is a one-line MaddrError (a ValueError) naming the field.
         self.initial_peers = parse_initial_peers(self.initial_peers, "initial_peers")
         self.host_maddrs = parse_host_maddrs(self.host_maddrs, "host_maddrs")
-        if self.wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {self.wire_dtype}")
+        if self.wire_dtype not in DTYPES.values():
+            raise ValueError(f"wire_dtype must be one of {', '.join(DTYPES)}, got {self.wire_dtype}")
         for name in ("connect_timeout", "request_timeout", "discovery_timeout", "snapshot_ttl", "push_grace"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -9,8 +9,10 @@ import secrets
 import torch
 from transformers.cache_utils import DynamicCache
 
-from blocks.adapters import select_tensors
+from blocks.adapters import Adapters
+from peers.wire import Step
 from privacy.exposure import ExposureLedger
+from swarm.failover import Failover
 from swarm.routing import RouteSpan
 from swarm.sequence import RemoteSequence
 from swarm.transport import InferenceStream, PeerError
@@ -36,15 +38,13 @@ class InferenceSession:
         sequence: RemoteSequence,
         max_length: int,
         batch: int = 1,
-        trainables: dict[str, torch.Tensor] | None = None,
-        lora_scale: float = 1.0,
+        adapters: Adapters | None = None,
     ):
         if max_length < 1 or batch < 1:
             raise ValueError(f"max_length and batch must be >= 1, got {max_length} and {batch}")
         self.sequence, self.max_length, self.batch = sequence, max_length, batch
-        # the client's deep prompts ("deep_prompts", by global block) and LoRA tensors, fixed for the session
-        self.trainables = {name: t.detach().to(sequence.config.wire_dtype) for name, t in (trainables or {}).items()}
-        self.lora_scale = lora_scale
+        # the client's deep prompts (from block 0) and LoRA, fixed for the session
+        self.adapters = (adapters or Adapters()).detach().to(sequence.config.wire_dtype)
         self.position = 0
         self.route: list[RouteSpan] = []
         self._streams: list[InferenceStream] = []
@@ -63,39 +63,34 @@ class InferenceSession:
 
     def _new_stream(self, span: RouteSpan) -> InferenceStream:
         cfg = self.sequence.config
-        stream = InferenceStream(self.sequence.p2p, span.peer_id, span.uid, cfg.max_message_bytes, cfg.request_timeout)
-        stream.trainables = select_tensors(self.trainables, span.start, span.end, prompt_key="deep_prompts")
-        return stream
+        return InferenceStream(
+            self.sequence.p2p, span.peer_id, span.start, span.end, cfg.max_message_bytes, cfg.request_timeout
+        )
 
     def open(self) -> InferenceSession:
         """Open a stream to every peer of a route; a peer that fails to open is avoided and the route re-planned."""
-        failures = 0
-        while True:
-            self.route = self.sequence.make_route(
-                min_length=self.max_length,
-                tokens_needed=self._tokens_needed,
-                timeout=None if failures == 0 else self.sequence.config.failover_timeout,
-            )
+        failover = Failover(self.sequence.health, self.sequence.config, "opening a session")
+
+        def attempt(timeout: float | None) -> None:
+            self.route = self.sequence.make_route(self.max_length, timeout=timeout, tokens_needed=self._tokens_needed)
             self._streams = [self._new_stream(span) for span in self.route]
             self._history = [None] * len(self._streams)
-            try:
-                self.sequence.loop.run(self._open_all(self._streams))
-                return self
-            except PeerError as e:
-                failures += 1
-                if failures > self.sequence.config.max_failovers:
-                    self.close()
-                    raise
-                logger.warning(f"could not open a session ({e}); trying other peers")
-                self.sequence.ban(e.peer_id)
-            except BaseException:
-                self.close()
-                raise
+            self.sequence.loop.run(self._open_all(self._streams))
+
+        try:
+            failover.run(attempt)
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     async def _open_all(self, streams: list[InferenceStream]) -> None:
         cfg = self.sequence.config
         results = await asyncio.gather(
-            *(s.open(self.max_length, self.batch, cfg.connect_timeout, s.trainables, self.lora_scale) for s in streams),
+            *(
+                s.open(self.max_length, self.batch, cfg.connect_timeout, self.adapters.select(s.start, s.end))
+                for s in streams
+            ),
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -150,8 +145,8 @@ class InferenceSession:
         push = self.sequence.config.push and len(self._streams) > 1
         if push:
             self._step_number += 1
-        step = self._step_number
-        failures = 0
+        number = self._step_number if push else None
+        failover = Failover(self.sequence.health, self.sequence.config, f"the step at position {position}")
         direct = True  # the client sends stream i its input (else it should arrive pushed)
         relay_rest = False  # after a failover: no more pushes in this step (replacements were not named to anyone)
         i = 0
@@ -161,43 +156,46 @@ class InferenceSession:
                 if not push:
                     output = await stream.step(hidden, position)
                 else:
+                    expected = Step(hidden, position, number)
                     output = None
                     if not direct:
-                        output = await stream.receive(step, hidden, position, grace=self.sequence.config.push_grace)
+                        output = await stream.receive(expected, grace=self.sequence.config.push_grace)
                         if output is None:
-                            logger.debug(f"push to blocks {stream.uid} is late; sending step {step} directly")
+                            logger.debug(f"push to blocks {stream.uid} is late; sending step {number} directly")
                     if output is None:
-                        await stream.send(hidden, position, step, [] if relay_rest else self._push_chain(i + 1))
-                        output = await stream.receive(step, hidden, position)
+                        chain = () if relay_rest else self._push_chain(i + 1)
+                        await stream.send(Step(hidden, position, number, chain))
+                        output = await stream.receive(expected)
                     direct = relay_rest or not self._push_chain(i + 1)
             except PeerError as e:
-                error = e
-                while True:  # a replacement may fail too, even while replaying
-                    failures += 1
-                    if failures > self.sequence.config.max_failovers:
-                        raise error from None
-                    try:
-                        await self._replace(i, error, position)
-                        break
-                    except PeerError as replacement_error:
-                        error = replacement_error
+                await self._recover(i, e, position, failover)
                 # The rest of this step goes through the client, still numbered: a peer after the failed one may
                 # have had the step pushed already and must not compute it twice.
                 relay_rest, direct = True, True
                 continue  # the same input, now to the replacement
             self._remember(i, hidden, position)
             self.sequence.record_exposure(self.route[i], hidden.shape[0] * hidden.shape[1], "inference", self.ledger)
-            self.sequence.succeeded(stream.peer_id)
+            self.sequence.health.succeeded(stream.peer_id)
             if not push:  # pushed answers include the upstream's time: not a round trip to this peer
-                self.sequence.observe_rtt(stream.peer_id, stream.last_rtt)
+                self.sequence.health.observe_rtt(stream.peer_id, stream.last_rtt)
             hidden = output
             i += 1
         return hidden
 
-    def _push_chain(self, start: int) -> list[list[str]]:
-        """[peer ID, push token] of streams start, start+1, ...; empty if one of them cannot take pushes."""
-        chain = [[s.peer_id.to_base58(), s.push_token] for s in self._streams[start:]]
-        return [] if any(token is None for _, token in chain) else chain
+    async def _recover(self, i: int, error: PeerError, position: int, failover: Failover) -> None:
+        """Replace stream i after `error`; a replacement may fail too, even while replaying."""
+        while True:
+            failover.failed(error)
+            try:
+                await self._replace(i, position, failover.route_timeout)
+                return
+            except PeerError as e:
+                error = e
+
+    def _push_chain(self, start: int) -> tuple[tuple[str, str], ...]:
+        """(peer ID, push token) of streams start, start+1, ...; empty if one of them cannot take pushes."""
+        chain = tuple((s.peer_id.to_base58(), s.push_token) for s in self._streams[start:])
+        return () if any(token is None for _, token in chain) else chain
 
     def _remember(self, i: int, hidden: torch.Tensor, position: int) -> None:
         # One buffer of max_length tokens per stream, written in place: no per-token copy of the whole history.
@@ -205,22 +203,17 @@ class InferenceSession:
             self._history[i] = hidden.new_empty(self.batch, self.max_length, hidden.shape[2])
         self._history[i][:, position : position + hidden.shape[1]] = hidden
 
-    async def _replace(self, i: int, error: PeerError, position: int) -> None:
+    async def _replace(self, i: int, position: int, timeout: float | None) -> None:
         """Route the failed span's blocks to other peers and replay the span's history through them."""
         failed = self.route[i]
-        logger.warning(f"blocks {failed.uid} failed at position {position} ({error}); re-routing")
-        self.sequence.ban(error.peer_id)
+        logger.warning(f"blocks {failed.uid} failed at position {position}; re-routing")
         await self._streams[i].close()
         loop = asyncio.get_running_loop()
         cfg = self.sequence.config
         route = await loop.run_in_executor(
             None,
             lambda: self.sequence.make_route(
-                min_length=self.max_length,
-                start=failed.start,
-                end=failed.end,
-                timeout=cfg.failover_timeout,
-                tokens_needed=self._tokens_needed,
+                self.max_length, failed.start, failed.end, timeout, tokens_needed=self._tokens_needed
             ),
         )
         streams = [self._new_stream(span) for span in route]

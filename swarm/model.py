@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,10 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
-from transformers.models.mistral.modeling_mistral import MistralForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
-from blocks.adapters import check_prompt_positions, run_span, select_tensors
+from blocks.adapters import Adapters, check_prompt_positions, run_span
 from blocks.checkpoint import model_name_of, open_checkpoint, read_client_state
-from blocks.families import ModelFamily, family_of
+from blocks.families import FAMILIES, ModelFamily, family_of
 from blocks.span import BlockSpan, load_span
 from privacy.exposure import ExposureLedger, split_local_blocks
 from swarm.config import ClientConfig
@@ -80,7 +78,7 @@ class RemoteDecoderModel(nn.Module):
         if isinstance(cache, RemoteCache):
             session = cache.session
             cache.check_step(hidden.shape[1], hidden.shape[0], position_ids)
-            if "prompts" in self.tuning.params:
+            if self.tuning.shallow_prompts() is not None:
                 raise NotImplementedError(
                     "generation with shallow prompts is not supported through the swarm (deep prompts and LoRA are)"
                 )
@@ -95,16 +93,15 @@ class RemoteDecoderModel(nn.Module):
 
     def _run_whole(self, hidden: torch.Tensor) -> torch.Tensor:
         """All blocks on whole sequences, differentiable w.r.t. the input and the client's trainables."""
-        tensors = self.tuning.active()
-        prompts = tensors.get("prompts")
+        prompts = self.tuning.shallow_prompts()
         if prompts is not None:  # shallow prompts: a prefix of trainable embeddings, dropped from the outputs
             prefix = prompts.expand(hidden.shape[0], -1, -1) if prompts.dim() == 2 else prompts
             hidden = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
-        scale = self.tuning.lora_scale
-        hidden = self._run_local(self.local_first, hidden, tensors, scale)
+        adapters = self.tuning.adapters()
+        hidden = self._run_local(self.local_first, hidden, adapters)
         if self.sequence.remote_start < self.sequence.remote_end:
-            hidden = self.sequence.forward(hidden, tensors, scale)
-        hidden = self._run_local(self.local_last, hidden, tensors, scale)
+            hidden = self.sequence.forward(hidden, adapters)
+        hidden = self._run_local(self.local_last, hidden, adapters)
         return hidden if prompts is None else hidden[:, prompts.shape[-2] :]
 
     def _run_in_session(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,29 +109,28 @@ class RemoteDecoderModel(nn.Module):
         for key, span in (("first", self.local_first), ("last", self.local_last)):
             if span is not None and key not in session.local_caches:
                 session.local_caches[key] = span.new_cache()
-        tensors, scale = session.trainables, session.lora_scale
-        if "deep_prompts" in tensors:  # checked before any peer refuses it: a refusal would look like a failing peer
-            check_prompt_positions(tensors["deep_prompts"].shape[-2], position, hidden.shape[1])
-        hidden = self._run_local(self.local_first, hidden, tensors, scale, session.local_caches.get("first"), position)
+        adapters = session.adapters
+        if adapters.prompt_length:  # checked before any peer refuses it: a refusal would look like a failing peer
+            check_prompt_positions(adapters.prompt_length, position, hidden.shape[1])
+        hidden = self._run_local(self.local_first, hidden, adapters, session.local_caches.get("first"), position)
         if self.sequence.remote_start < self.sequence.remote_end:
             hidden = session.step(hidden)
         else:
             session.position = position + hidden.shape[1]
-        return self._run_local(self.local_last, hidden, tensors, scale, session.local_caches.get("last"), position)
+        return self._run_local(self.local_last, hidden, adapters, session.local_caches.get("last"), position)
 
     @staticmethod
     def _run_local(
         span: BlockSpan | None,
         hidden: torch.Tensor,
-        tensors: dict[str, torch.Tensor],
-        lora_scale: float,
+        adapters: Adapters,
         cache: DynamicCache | None = None,
         position: int = 0,
     ) -> torch.Tensor:
         if span is None:
             return hidden
-        sub = select_tensors(tensors, span.start, span.end, prompt_key="deep_prompts")
-        return run_span(span, hidden, span.start, span.end, sub, lora_scale, cache, position)
+        sub = adapters.select(span.start, span.end)
+        return run_span(span, hidden, span.start, span.end, sub, cache, position)
 
 
 class DistributedCausalLMMixin:
@@ -221,8 +217,7 @@ class DistributedCausalLMMixin:
             self.model.sequence,
             max_length,
             batch_size,
-            trainables=self.tuning.active(),
-            lora_scale=self.tuning.lora_scale,
+            adapters=self.tuning.adapters(),
         ).open()
         self._local.session = session
         try:
@@ -313,23 +308,29 @@ class DistributedCausalLMMixin:
         return output
 
 
-class DistributedLlamaForCausalLM(DistributedCausalLMMixin, LlamaForCausalLM):
-    pass
+def _distributed_class(family: ModelFamily) -> type[DistributedCausalLMMixin]:
+    """`Distributed<family's *ForCausalLM>`: that class with its blocks in the swarm, a class of this module (so
+    that it pickles and reprs by its name here)."""
+    name = f"Distributed{family.causal_lm.__name__}"
+
+    def body(namespace: dict[str, Any]) -> None:
+        namespace.update(
+            __module__=__name__,
+            __qualname__=name,
+            __doc__=f"transformers' {family.causal_lm.__name__}, its decoder blocks served by the swarm.",
+        )
+
+    return types.new_class(name, (DistributedCausalLMMixin, family.causal_lm), exec_body=body)
 
 
-class DistributedMistralForCausalLM(DistributedCausalLMMixin, MistralForCausalLM):
-    pass
-
-
-class DistributedQwen2ForCausalLM(DistributedCausalLMMixin, Qwen2ForCausalLM):
-    pass
-
-
-_CLASSES: dict[str, type[DistributedCausalLMMixin]] = {
-    "llama": DistributedLlamaForCausalLM,
-    "mistral": DistributedMistralForCausalLM,
-    "qwen2": DistributedQwen2ForCausalLM,
+# One class per family of blocks.families.FAMILIES (model_type -> class); adding a family there adds its class.
+DISTRIBUTED_CLASSES: dict[str, type[DistributedCausalLMMixin]] = {
+    model_type: _distributed_class(family) for model_type, family in FAMILIES.items()
 }
+# The public names, bound here so that `from swarm.model import ...` and static tools see them.
+DistributedLlamaForCausalLM = DISTRIBUTED_CLASSES["llama"]
+DistributedMistralForCausalLM = DISTRIBUTED_CLASSES["mistral"]
+DistributedQwen2ForCausalLM = DISTRIBUTED_CLASSES["qwen2"]
 
 
 class AutoDistributedModelForCausalLM:
@@ -338,4 +339,4 @@ class AutoDistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, model_name_or_path: str | Path, **kwargs: Any) -> DistributedCausalLMMixin:
         config = open_checkpoint(model_name_or_path).config
-        return _CLASSES[family_of(config).model_type].from_pretrained(model_name_or_path, **kwargs)
+        return DISTRIBUTED_CLASSES[family_of(config).model_type].from_pretrained(model_name_or_path, **kwargs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from hivemind.p2p import PeerID
 
-from dht.records import BlockServer
+from dht.records import BlockServer, peer_announcements
 
 
 class NoRouteError(RuntimeError):
@@ -58,33 +58,16 @@ class SwarmSnapshot:
 
     @classmethod
     def from_servers(cls, num_blocks: int, servers: dict[int, list[BlockServer]]) -> SwarmSnapshot:
-        """Peers whose newest record is online, with the span that record announces.
-
-        Blocks count only where the peer's record carries that same span, so records left over from an earlier
-        span of the same peer (e.g. after a restart) are ignored until they expire.
-        """
-        found: dict[PeerID, list[BlockServer]] = {}
-        for entries in servers.values():
-            for entry in entries:
-                found.setdefault(entry.peer_id, []).append(entry)
-        peers = {}
-        for peer_id, entries in found.items():
-            record = max(entries, key=lambda e: e.expiration).record
-            if record.state != "online":
-                continue
-            blocks = {
-                e.block
-                for e in entries
-                if e.record.state == "online" and (e.record.start, e.record.end) == (record.start, record.end)
-            }
-            # The contiguous run of announced blocks from the span's start (a block's record may have lapsed).
-            start = min(blocks)
-            end = start
-            while end in blocks:
-                end += 1
-            peers[peer_id] = PeerSpan(
-                peer_id, start, end, record.throughput, record.cache_tokens_left, record.max_length
+        """Peers whose announcement is online, each over the contiguous run of blocks it announces
+        (dht.records.peer_announcements: a peer's freshest record stands for it; leftovers of an earlier span or
+        state are ignored until they expire)."""
+        peers = {
+            peer_id: PeerSpan(
+                peer_id, a.start, a.end, a.record.throughput, a.record.cache_tokens_left, a.record.max_length
             )
+            for peer_id, a in peer_announcements(servers).items()
+            if a.state == "online"
+        }
         return cls(num_blocks, peers)
 
     def uncovered(self, start: int, end: int, exclude: Collection[PeerID] = (), min_length: int = 1) -> list[int]:

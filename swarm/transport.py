@@ -1,4 +1,5 @@
-"""The client's side of the wire protocol: a background event loop and calls to peers over hivemind P2P.
+"""The client's side of the wire protocol: a background event loop and calls to peers over hivemind P2P, each
+speaking the typed messages of peers.wire.
 
 User code is synchronous (``model.generate``); P2P is asyncio. One daemon thread runs the loop; a whole
 generation step across every span of the route is one coroutine there, so each token costs one thread hop.
@@ -17,18 +18,25 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from peers.protocol import (
+from blocks.adapters import Adapters
+from peers.wire import (
     BACKWARD_HANDLER,
     FORWARD_HANDLER,
     INFERENCE_HANDLER,
     INFO_HANDLER,
     TRAIN_HANDLER,
+    Backward,
+    Forward,
+    ForwardReply,
+    Gradients,
+    GradOutput,
+    OpenSession,
+    PeerInfo,
     ProtocolError,
     RemoteError,
-    check_push_token,
-    decode_metadata,
-    decode_tensor,
-    make_request,
+    SessionOpened,
+    Step,
+    StepReply,
     receive_message,
     send_message,
 )
@@ -60,111 +68,63 @@ class LoopThread:
         self._thread.join(timeout=5)
 
 
-def _check_output(response: runtime_pb2.ExpertResponse, like: torch.Tensor, max_numel: int) -> torch.Tensor:
-    """A peer's answer is network input too: same shape and dtype as what we sent, finite."""
-    if len(response.tensors) != 1:
-        raise ProtocolError(f"expected 1 tensor in the answer, got {len(response.tensors)}")
-    return _check_tensor(decode_tensor(response.tensors[0], max_numel=max_numel), like)
-
-
-def _check_session_length(reply: dict[str, Any], expected: int) -> None:
-    """After a step the peer reports how many tokens its cache holds: it must be where the client's session is."""
-    held = reply.get("position")
-    if held != expected:
-        raise ProtocolError(f"the peer's cache holds {held!r} tokens after this step, the client's session {expected}")
-
-
-def _check_tensor(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if out.shape != like.shape or out.dtype != like.dtype:
-        raise ProtocolError(f"answer has shape {list(out.shape)} {out.dtype}, expected {list(like.shape)} {like.dtype}")
-    if not torch.isfinite(out).all():
-        raise ProtocolError("answer contains NaN or infinite values")
-    return out
-
-
 class InferenceStream:
-    """An open inference session with one peer for one span (async; used from the loop thread)."""
+    """An open inference session with one peer for blocks [start, end) (async; used from the loop thread)."""
 
-    def __init__(self, p2p: P2P, peer_id: PeerID, uid: str, max_bytes: int, timeout: float):
-        self.p2p, self.peer_id, self.uid = p2p, peer_id, uid
+    def __init__(self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_bytes: int, timeout: float):
+        self.p2p, self.peer_id, self.start, self.end = p2p, peer_id, start, end
         self.max_bytes, self.timeout = max_bytes, timeout
-        self.max_numel = max_bytes // 2  # elements of the smallest wire dtype that fit in max_bytes
         self.last_rtt = 0.0  # network part of the last step's round trip (s)
         self.push_token: str | None = None  # lets the previous peer of a route push steps into this session
-        self.trainables: dict[str, torch.Tensor] = {}  # deep prompts / LoRA of these blocks, sent at opening
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: asyncio.Task | None = None  # a reply being read (kept across a grace wait, never cancelled)
 
-    async def open(
-        self,
-        max_length: int,
-        batch: int,
-        connect_timeout: float,
-        trainables: dict[str, torch.Tensor] | None = None,
-        lora_scale: float = 1.0,
-    ) -> None:
-        """Open the session; `trainables` (deep prompts / LoRA of these blocks) apply to all its steps."""
-        trainables = trainables or {}
-        meta: dict[str, Any] = {"max_length": max_length, "batch": batch}
-        if trainables:
-            meta.update(trainables_meta(trainables, lora_scale))
+    @property
+    def uid(self) -> str:
+        return f"{self.start}:{self.end}"
+
+    async def open(self, max_length: int, batch: int, connect_timeout: float, adapters: Adapters) -> None:
+        """Open the session; `adapters` (for these blocks) apply to all its steps."""
         try:
             _, self._reader, self._writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer_id, INFERENCE_HANDLER), connect_timeout
             )
-            await send_message(make_request(list(trainables.values()), meta, uid=self.uid), self._writer)
-            opened = decode_metadata((await self._receive(connect_timeout)).metadata)
-            if opened.get("push_token") is not None:
-                self.push_token = check_push_token(opened["push_token"])
+            opening = OpenSession(self.start, self.end, max_length, batch, adapters)
+            await send_message(opening.encode(), self._writer)
+            self.push_token = SessionOpened.decode(await self._receive(connect_timeout)).push_token
         except Exception as e:
             await self.close()
-            raise _as_peer_error(self.peer_id, e) from e
+            raise as_peer_error(self.peer_id, e) from e
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        if self._writer is None:
-            raise PeerError(self.peer_id, "the session with this peer is closed")
+        """Send one step and wait for its answer (no push)."""
+        self._check_open()
         try:
             began = time.perf_counter()
-            await send_message(make_request([hidden], {"position": position}), self._writer)
-            response = await self._receive(self.timeout)
+            sent = Step(hidden, position)
+            await send_message(sent.encode(), self._writer)
+            reply = StepReply.decode(await self._receive(self.timeout), sent)
             elapsed = time.perf_counter() - began
-            output = _check_output(response, hidden, self.max_numel)
-            reply = decode_metadata(response.metadata)
-            _check_session_length(reply, position + hidden.shape[1])
-            compute = reply.get("compute_s", 0.0)
-            if not isinstance(compute, float) or not 0.0 <= compute <= elapsed:
-                compute = 0.0  # a bad report only makes our latency estimate pessimistic
-            self.last_rtt = elapsed - compute
-            return output
+            # A compute time longer than the round trip is a bad report: it only makes our estimate pessimistic.
+            self.last_rtt = elapsed - (reply.compute_s if reply.compute_s <= elapsed else 0.0)
+            return reply.hidden
         except BaseException as e:
-            # After a timeout or a bad answer, a late or half-read reply could be taken for the next step's:
-            # this stream is never used again.
-            await self.close()
-            if isinstance(e, Exception):
-                raise _as_peer_error(self.peer_id, e) from e
-            raise
+            raise await self._failed(e) from e
 
-    async def send(self, hidden: torch.Tensor, position: int, step: int, push: list[list[str]]) -> None:
-        """Send step `step` (numbered, so a peer that also got it pushed computes it once), naming the peers its
-        output should be pushed to next."""
-        if self._writer is None:
-            raise PeerError(self.peer_id, "the session with this peer is closed")
+    async def send(self, step: Step) -> None:
+        """Send a numbered step whose output the peer also pushes to the peers `step.push` names."""
+        self._check_open()
         try:
-            await send_message(make_request([hidden], {"position": position, "step": step, "push": push}), self._writer)
+            await send_message(step.encode(), self._writer)
         except BaseException as e:
-            await self.close()
-            if isinstance(e, Exception):
-                raise _as_peer_error(self.peer_id, e) from e
-            raise
+            raise await self._failed(e) from e
 
-    async def receive(
-        self, step: int, like: torch.Tensor, position: int, grace: float | None = None
-    ) -> torch.Tensor | None:
-        """The output of step `step` (sent at `position`). With `grace`, returns None if it has not come within
-        `grace` seconds; the reply keeps being read in the background and a later call gets it."""
-        if self._writer is None:
-            raise PeerError(self.peer_id, "the session with this peer is closed")
+    async def receive(self, expected: Step, grace: float | None = None) -> torch.Tensor | None:
+        """The output of step `expected` (sent by us or pushed by the previous peer). With `grace`, returns None if
+        it has not come within `grace` seconds; the reply keeps being read in the background and a later call
+        gets it."""
+        self._check_open()
         if self._pending is None:
             self._pending = asyncio.ensure_future(self._receive(self.timeout))
         if grace is not None:
@@ -173,17 +133,19 @@ class InferenceStream:
                 return None
         task, self._pending = self._pending, None
         try:
-            response = await task
-            meta = decode_metadata(response.metadata)
-            if meta.get("step") != step:
-                raise ProtocolError(f"expected the answer to step {step}, got one to step {meta.get('step')!r}")
-            _check_session_length(meta, position + like.shape[1])
-            return _check_output(response, like, self.max_numel)
+            return StepReply.decode(await task, expected).hidden
         except BaseException as e:
-            await self.close()
-            if isinstance(e, Exception):
-                raise _as_peer_error(self.peer_id, e) from e
-            raise
+            raise await self._failed(e) from e
+
+    def _check_open(self) -> None:
+        if self._writer is None:
+            raise PeerError(self.peer_id, "the session with this peer is closed")
+
+    async def _failed(self, e: BaseException) -> BaseException:
+        """After a timeout or a bad answer, a late or half-read reply could be taken for the next step's: this
+        stream is never used again."""
+        await self.close()
+        return as_peer_error(self.peer_id, e) if isinstance(e, Exception) else e
 
     async def _receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
         async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per step
@@ -201,64 +163,34 @@ class InferenceStream:
             self._writer = None
 
 
-async def call_forward(
-    p2p: P2P,
-    peer_id: PeerID,
-    uid: str,
-    hidden: torch.Tensor,
-    max_bytes: int,
-    timeout: float,
-    trainables: dict[str, torch.Tensor] | None = None,
-    lora_scale: float = 1.0,
-) -> torch.Tensor:
-    """Whole-sequence forward of blocks `uid` ('start:end') on one peer, with optional deep prompts / LoRA tensors
-    (see blocks.adapters)."""
-    trainables = trainables or {}
-    meta = trainables_meta(trainables, lora_scale) if trainables else {}
-    (output,) = await _call_once(
-        p2p, peer_id, FORWARD_HANDLER, uid, [hidden, *trainables.values()], meta, [hidden], max_bytes, timeout
-    )
-    return output
+async def call_forward(p2p: P2P, peer_id: PeerID, request: Forward, max_bytes: int, timeout: float) -> torch.Tensor:
+    """A whole-sequence forward on one peer."""
+    response = await _call_once(p2p, peer_id, FORWARD_HANDLER, request.encode(), max_bytes, timeout)
+    return _decoded(peer_id, lambda: ForwardReply.decode(response, request)).hidden
 
 
-async def call_backward(
-    p2p: P2P,
-    peer_id: PeerID,
-    uid: str,
-    hidden: torch.Tensor,
-    grad_output: torch.Tensor,
-    max_bytes: int,
-    timeout: float,
-    trainables: dict[str, torch.Tensor] | None = None,
-    lora_scale: float = 1.0,
-) -> list[torch.Tensor]:
-    """Gradients w.r.t. the span's input `hidden` and each of `trainables` (in order), given the gradient w.r.t. the
-    span's output. The peer recomputes the forward: it keeps nothing between calls."""
-    trainables = trainables or {}
-    meta = trainables_meta(trainables, lora_scale)
-    tensors = [hidden, grad_output, *trainables.values()]
-    return await _call_once(
-        p2p, peer_id, BACKWARD_HANDLER, uid, tensors, meta, [hidden, *trainables.values()], max_bytes, timeout
-    )
+async def call_backward(p2p: P2P, peer_id: PeerID, request: Backward, max_bytes: int, timeout: float) -> Gradients:
+    """Gradients w.r.t. the request's input and adapters; the peer recomputes the forward (keeps nothing)."""
+    response = await _call_once(p2p, peer_id, BACKWARD_HANDLER, request.encode(), max_bytes, timeout)
+    return _decoded(peer_id, lambda: Gradients.decode(response, request.hidden, request.adapters))
+
+
+def _decoded(peer_id: PeerID, decode: Any) -> Any:
+    try:
+        return decode()
+    except ProtocolError as e:
+        raise as_peer_error(peer_id, e) from e
 
 
 async def _call_once(
-    p2p: P2P,
-    peer_id: PeerID,
-    handler: str,
-    uid: str,
-    tensors: list[torch.Tensor],
-    meta: dict[str, Any],
-    expected: list[torch.Tensor],
-    max_bytes: int,
-    timeout: float,
-) -> list[torch.Tensor]:
-    """One request on a fresh stream -> the answer's tensors, each checked to be shaped like `expected`."""
+    p2p: P2P, peer_id: PeerID, handler: str, request: runtime_pb2.ExpertRequest, max_bytes: int, timeout: float
+) -> runtime_pb2.ExpertResponse:
+    """One request on a fresh stream -> its answer."""
     writer = None
     try:
         _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, handler), timeout)
         try:
-            await send_message(make_request(tensors, meta, uid=uid), writer)
+            await send_message(request, writer)
         except ConnectionError:
             pass  # the peer may have refused the request mid-way: its error is still waiting to be read
         response = await asyncio.wait_for(
@@ -266,14 +198,9 @@ async def _call_once(
         )
         if response is None:
             raise ConnectionError("the peer closed the stream without answering")
-        if len(response.tensors) != len(expected):
-            raise ProtocolError(f"expected {len(expected)} tensors in the answer, got {len(response.tensors)}")
-        return [
-            _check_tensor(decode_tensor(t, max_numel=max_bytes // 2), like)
-            for t, like in zip(response.tensors, expected, strict=True)
-        ]
+        return response
     except Exception as e:
-        raise _as_peer_error(peer_id, e) from e
+        raise as_peer_error(peer_id, e) from e
     finally:
         if writer is not None:
             writer.close()
@@ -284,50 +211,39 @@ class TrainCall:
     the peer's train handler). If the peer would not hold it (`held` is False after `forward`), the stream is
     closed and the stateless backward call is the way to get gradients."""
 
-    def __init__(self, p2p: P2P, peer_id: PeerID, uid: str, max_bytes: int, timeout: float):
-        self.p2p, self.peer_id, self.uid, self.max_bytes, self.timeout = p2p, peer_id, uid, max_bytes, timeout
+    def __init__(self, p2p: P2P, peer_id: PeerID, max_bytes: int, timeout: float):
+        self.p2p, self.peer_id, self.max_bytes, self.timeout = p2p, peer_id, max_bytes, timeout
         self.held = False
-        self.like: list[torch.Tensor] = []  # what the backward's answers must look like
+        self._request: Forward | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def forward(
-        self, hidden: torch.Tensor, trainables: dict[str, torch.Tensor], lora_scale: float
-    ) -> torch.Tensor:
+    async def forward(self, request: Forward) -> torch.Tensor:
         try:
             self._loop = asyncio.get_running_loop()
             _, self._reader, self._writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer_id, TRAIN_HANDLER), self.timeout
             )
-            meta = trainables_meta(trainables, lora_scale)
-            await send_message(make_request([hidden, *trainables.values()], meta, uid=self.uid), self._writer)
-            response = await self._receive()
-            self.held = decode_metadata(response.metadata).get("held") is True
-            output = _check_output(response, hidden, self.max_bytes // 2)
+            await send_message(request.encode(), self._writer)
+            reply = ForwardReply.decode(await self._receive(), request)
         except Exception as e:
             await self.close()
-            raise _as_peer_error(self.peer_id, e) from e
+            raise as_peer_error(self.peer_id, e) from e
+        self.held, self._request = reply.held, request
         if not self.held:
             await self.close()
-        self.like = [hidden, *trainables.values()]
-        return output
+        return reply.hidden
 
-    async def backward(self, grad_output: torch.Tensor) -> list[torch.Tensor]:
-        """Gradients w.r.t. the forward's input and trainables, from the graph the peer held."""
-        if self._writer is None:
+    async def backward(self, grad_output: torch.Tensor) -> Gradients:
+        """Gradients w.r.t. the forward's input and adapters, from the graph the peer held."""
+        if self._writer is None or self._request is None:
             raise PeerError(self.peer_id, "this training call is closed")
         try:
-            await send_message(make_request([grad_output], {}), self._writer)
-            response = await self._receive()
-            if len(response.tensors) != len(self.like):
-                raise ProtocolError(f"expected {len(self.like)} tensors in the answer, got {len(response.tensors)}")
-            return [
-                _check_tensor(decode_tensor(t, max_numel=self.max_bytes // 2), like)
-                for t, like in zip(response.tensors, self.like, strict=True)
-            ]
+            await send_message(GradOutput(grad_output).encode(), self._writer)
+            return Gradients.decode(await self._receive(), self._request.hidden, self._request.adapters)
         except Exception as e:
-            raise _as_peer_error(self.peer_id, e) from e
+            raise as_peer_error(self.peer_id, e) from e
         finally:
             await self.close()
 
@@ -351,23 +267,18 @@ class TrainCall:
                 loop.call_soon_threadsafe(writer.close)
 
 
-async def call_info(p2p: P2P, peer_id: PeerID, timeout: float) -> dict[str, Any]:
+async def call_info(p2p: P2P, peer_id: PeerID, timeout: float) -> PeerInfo:
     try:
         response = await asyncio.wait_for(
             p2p.call_protobuf_handler(peer_id, INFO_HANDLER, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo),
             timeout,
         )
-        return decode_metadata(response.serialized_info)
+        return PeerInfo.decode(response)
     except Exception as e:
-        raise _as_peer_error(peer_id, e) from e
+        raise as_peer_error(peer_id, e) from e
 
 
-def trainables_meta(trainables: dict[str, torch.Tensor], lora_scale: float) -> dict[str, Any]:
-    """Metadata naming the deep prompts / LoRA tensors sent after a request's fixed tensors (see blocks.adapters)."""
-    return {"names": list(trainables), "lora_scale": lora_scale}
-
-
-def _as_peer_error(peer_id: PeerID, e: BaseException) -> PeerError:
+def as_peer_error(peer_id: PeerID, e: BaseException) -> PeerError:
     if isinstance(e, PeerError):
         return e
     if isinstance(e, RemoteError):

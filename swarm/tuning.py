@@ -27,9 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from blocks.adapters import LORA_MODULES, add_prompt, lora_name, parse_lora_name
+from blocks.adapters import DEEP_PROMPTS, LORA_MODULES, Adapters, add_prompt, lora_name, parse_lora_name
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+SHALLOW_PROMPTS = "prompts"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PROMPTS_FILE = "prompts.safetensors"
@@ -101,12 +102,12 @@ class ClientTuning(nn.Module):
     def add_prompts(self, length: int, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Parameter:
         """Shallow prompt tuning: `length` trainable prefix embeddings."""
         value = torch.randn(length, self.config.hidden_size, generator=generator) * std
-        return self._add("prompts", value)
+        return self._add(SHALLOW_PROMPTS, value)
 
     def add_deep_prompts(self, length: int) -> nn.Parameter:
         """Deep prompt tuning: per block, `length` trainable vectors added at positions 0..length-1 (zero at first,
         so the model starts unchanged)."""
-        return self._add("deep_prompts", torch.zeros(self.config.num_hidden_layers, length, self.config.hidden_size))
+        return self._add(DEEP_PROMPTS, torch.zeros(self.config.num_hidden_layers, length, self.config.hidden_size))
 
     def add_lora(
         self,
@@ -158,10 +159,19 @@ class ClientTuning(nn.Module):
         """The tensors the next forward uses: the parameters, or what `override` put in their place."""
         return dict(self._override) if self._override is not None else dict(self.named_trainables())
 
+    def shallow_prompts(self) -> torch.Tensor | None:
+        """The active shallow prompts ([P, H], or [B, P, H] when overridden per example), if any."""
+        return self.active().get(SHALLOW_PROMPTS)
+
+    def adapters(self) -> Adapters:
+        """The active deep prompts (from block 0) and LoRA tensors, with the LoRA scale: what the blocks apply."""
+        tensors = {n: t for n, t in self.active().items() if n != SHALLOW_PROMPTS}
+        return Adapters(tensors, self.lora_scale, first_block=0)
+
     @property
     def prompt_length(self) -> int:
         tensors = self.named_trainables()
-        return int(tensors["prompts"].shape[0]) if "prompts" in tensors else 0
+        return int(tensors[SHALLOW_PROMPTS].shape[0]) if SHALLOW_PROMPTS in tensors else 0
 
     @contextlib.contextmanager
     def override(self, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -185,7 +195,7 @@ class ClientTuning(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().contiguous() for n, t in self.named_trainables().items()}
-        prompts = {n: t for n, t in tensors.items() if n in ("prompts", "deep_prompts")}
+        prompts = {n: t for n, t in tensors.items() if n in (SHALLOW_PROMPTS, DEEP_PROMPTS)}
         if prompts:
             save_file(prompts, directory / PROMPTS_FILE)
         if not self.lora_rank:
@@ -224,7 +234,7 @@ class ClientTuning(nn.Module):
             raise ValueError("load into a model without trainables")
         if (directory / PROMPTS_FILE).exists():
             for name, tensor in load_file(directory / PROMPTS_FILE).items():
-                if name not in ("prompts", "deep_prompts"):
+                if name not in (SHALLOW_PROMPTS, DEEP_PROMPTS):
                     raise ValueError(f"{PROMPTS_FILE} holds an unknown tensor {name!r}")
                 self._add(name, tensor)
         if not (directory / PEFT_CONFIG).exists():

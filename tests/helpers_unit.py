@@ -18,7 +18,7 @@ if str(REPO / "scripts") not in sys.path:
 
 from model_tools import make_random_checkpoint  # noqa: E402
 
-from peers.validation import Limits  # noqa: E402
+from peers.wire.validation import Limits  # noqa: E402
 
 __all__ = [
     "INDEX_FILE",

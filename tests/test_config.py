@@ -12,7 +12,8 @@ import time
 import pytest
 from helpers_unit import REPO
 
-from peers.config import DEFAULT_HOST_MADDRS, ConfigError, DhtConfig, PeerConfig, load_config
+from peers.config import DEFAULT_HOST_MADDRS, DhtConfig, PeerConfig
+from peers.settings import ConfigError, load_config
 
 ENV = "SWARM_PEER_"
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"

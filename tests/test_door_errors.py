@@ -25,7 +25,8 @@ from dht.maddrs import (
     parse_initial_peers,
 )
 from peers.cli import peek_model_size
-from peers.config import ConfigError, DhtConfig, PeerConfig, check_span_fits, load_config
+from peers.config import DhtConfig, PeerConfig, check_span_fits
+from peers.settings import ConfigError, load_config
 
 PEER_ID = "12D3KooWJsXqdaKe8721FnxYsthbYcEH5Qgn22DSApGnRc8du4hA"
 PEER = f"/ip4/127.0.0.1/tcp/31337/p2p/{PEER_ID}"

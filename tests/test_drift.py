@@ -8,10 +8,9 @@ from transformers import GenerationMixin
 
 from blocks.checkpoint import open_checkpoint
 from blocks.span import CacheLengthError, load_span
-from peers.protocol import ProtocolError
+from peers.wire import ProtocolError, Step, StepReply
 from swarm import AutoDistributedModelForCausalLM
 from swarm.remote_cache import GenerationDriftError, library_versions
-from swarm.transport import _check_session_length
 
 
 def prompt(length: int = 10, seed: int = 0) -> torch.Tensor:
@@ -93,10 +92,11 @@ def test_span_refuses_a_cache_of_the_wrong_length(llama_ckpt):
 
 
 def test_peer_reporting_another_session_length_is_refused():
-    _check_session_length({"position": 7}, 7)
-    for reply in ({"position": 6}, {}, {"position": "7"}):
+    sent = Step(torch.zeros(1, 2, 4), position=5)
+    assert StepReply.decode(StepReply(torch.ones(1, 2, 4), 7, 0.001).encode(), sent).position == 7
+    for held in (6, 8, None, "7"):
         with pytest.raises(ProtocolError, match="cache holds"):
-            _check_session_length(reply, 7)
+            StepReply.decode(StepReply(torch.ones(1, 2, 4), held, 0.001).encode(), sent)
 
 
 def test_library_versions_names_the_libraries():

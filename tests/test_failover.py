@@ -59,12 +59,12 @@ def test_whole_sequence_forward_survives_a_dead_peer(replicated, llama_ckpt, loc
         def choices(self, population, weights=None, **kwargs):
             return [p for p in population if p.peer_id == victim][:1] or super().choices(population, weights, **kwargs)
 
-    sequence.rng = PreferVictim(0)
+    sequence.planner.rng = PreferVictim(0)
     ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(31))
     with torch.no_grad():
         remote, local = model(ids).logits, local_model(llama_ckpt)(ids).logits
     assert torch.allclose(remote, local, atol=1e-4, rtol=0)
-    assert victim in sequence.banned()
+    assert victim in sequence.health.banned()
 
 
 def test_losing_the_only_holder_fails_clearly_and_quickly(replicated):
@@ -103,15 +103,16 @@ def test_restarted_peer_with_same_identity_is_used_again_after_its_ban(tmp_path,
             with pytest.raises((PeerError, NoRouteError)):
                 model(ids)
             sequence = model.model.sequence
-            assert sequence.failures_in_a_row(PeerID.from_base58(peer_a)) >= 1
+            assert sequence.health.failures_in_a_row(PeerID.from_base58(peer_a)) >= 1
 
             again = swarm.start_peer((0, 4), extra_args=["--log-level", "WARNING", "--identity-path", key], name="a2")
             assert again.info["peer_id"] == peer_a  # same identity, same peer ID
-            wait_until(lambda: PeerID.from_base58(peer_a) not in sequence.banned(), "the ban (at most 1 s) runs out")
-            model.model.sequence.snapshot(refresh=True)
+            banned = sequence.health.banned
+            wait_until(lambda: PeerID.from_base58(peer_a) not in banned(), "the ban (at most 1 s) runs out")
+            model.model.sequence.view.snapshot(refresh=True)
             assert torch.allclose(model(ids).logits, expected, atol=1e-4, rtol=0)
             assert [s.peer_id.to_base58() for s in sequence.make_route()] == [peer_a]
-            assert sequence.failures_in_a_row(PeerID.from_base58(peer_a)) == 0  # the backoff starts over
+            assert sequence.health.failures_in_a_row(PeerID.from_base58(peer_a)) == 0  # the backoff starts over
     finally:
         if model is not None:
             model.shutdown()
@@ -128,20 +129,21 @@ def test_background_refresh_finds_new_peers_and_measures_their_rtt(replicated, l
     )
     try:
         sequence = model.model.sequence
-        before = set(sequence.snapshot().peers)
+        before = set(sequence.view.snapshot().peers)
         newcomer = swarm.start_peer((2, 4), extra_args=["--log-level", "WARNING"], name="newcomer")
         new_id = PeerID.from_base58(newcomer.info["peer_id"])
         assert new_id not in before
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not (new_id in sequence.snapshot().peers and new_id in sequence.rtt()):
+        view, health = sequence.view, sequence.health
+        while time.monotonic() < deadline and not (new_id in view.snapshot().peers and new_id in health.rtt()):
             time.sleep(0.1)
-        assert new_id in sequence.snapshot().peers, "the background refresh did not pick up the new peer"
+        assert new_id in sequence.view.snapshot().peers, "the background refresh did not pick up the new peer"
         # Every live peer was probed without any generation: latency routing has measurements from the start.
         live = {PeerID.from_base58(p.info["peer_id"]) for p in swarm.peers if p.process.poll() is None}
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not live <= set(sequence.rtt()):
+        while time.monotonic() < deadline and not live <= set(sequence.health.rtt()):
             time.sleep(0.1)
-        assert live <= set(sequence.rtt()), "some peers were never probed"
-        assert all(0 < rtt < 1.0 for rtt in sequence.rtt().values())
+        assert live <= set(sequence.health.rtt()), "some peers were never probed"
+        assert all(0 < rtt < 1.0 for rtt in sequence.health.rtt().values())
     finally:
         model.shutdown()

@@ -59,7 +59,7 @@ def peer_stats(model, key: str) -> int:
     """A counter summed over the peers serving the model (info calls)."""
     sequence = model.model.sequence
     route = sequence.make_route(start=0, end=sequence.num_blocks, policy="hops")
-    return sum(sequence.loop.run(call_info(sequence.p2p, s.peer_id, 5.0))["stats"][key] for s in route)
+    return sum(sequence.loop.run(call_info(sequence.p2p, s.peer_id, 5.0)).stats[key] for s in route)
 
 
 def randomize(tuning, seed: int) -> None:
@@ -238,7 +238,7 @@ def test_backward_fails_over_to_a_replica(replicated, llama_ckpt, local_model, h
             picked = [p for p in population if p.peer_id.to_base58() == forward_peer][:1]
             return picked or super().choices(population, weights, **kwargs)
 
-    sequence.rng = PreferVictim(0)
+    sequence.planner.rng = PreferVictim(0)
     loss.backward()
     deep = model.tuning.named_trainables()["deep_prompts"]
     local_deep = deep.detach().clone().requires_grad_(True)
@@ -246,7 +246,7 @@ def test_backward_fails_over_to_a_replica(replicated, llama_ckpt, local_model, h
     assert torch.allclose(deep.grad, local_deep.grad, atol=ATOL, rtol=1e-4)
     backward_rows = [r for r in sequence.ledger.summary() if r.backward_tokens and r.start_block == 2]
     assert [r.peer_id for r in backward_rows] != [forward_peer] and len(backward_rows) == 1
-    assert forward_peer in {str(p) for p in sequence.banned()}
+    assert forward_peer in {str(p) for p in sequence.health.banned()}
 
 
 def test_local_blocks_show_no_peer_their_activations(llama_ckpt, llama_swarm, local_model):
@@ -260,7 +260,7 @@ def test_local_blocks_show_no_peer_their_activations(llama_ckpt, llama_swarm, lo
             counts: dict[str, int] = {}
             for span in sequence.make_route(start=0, end=4, policy="hops"):
                 info = sequence.loop.run(call_info(sequence.p2p, span.peer_id, 5.0))
-                for block, n in info["block_tokens"].items():
+                for block, n in info.block_tokens.items():
                     counts[block] = counts.get(block, 0) + n
             return counts
 
@@ -328,8 +328,8 @@ def _bad(name: str, shape: list[int], fill: float = 0.01) -> dict[str, torch.Ten
 @pytest.mark.parametrize(
     "handler, trainables, message",
     [
-        ("forward", _bad("prompts", [2, 9, 64]), "length 9 must be in"),  # longer than the 4 tokens
-        ("forward", _bad("prompts", [3, 2, 64]), "deep prompts must be"),  # 3 blocks for a 2-block request
+        ("forward", _bad("deep_prompts", [2, 9, 64]), "length 9 must be in"),  # longer than the 4 tokens
+        ("forward", _bad("deep_prompts", [3, 2, 64]), "deep prompts must be"),  # 3 blocks for a 2-block request
         ("forward", _bad("lora.0.q_proj.A", [2, 64]), "needs both A and B"),
         ("backward", {**_bad("lora.0.q_proj.A", [2, 64]), **_bad("lora.0.q_proj.B", [64, 3])}, "do not fit"),
         (  # above the default --max-lora-rank
@@ -339,27 +339,29 @@ def _bad(name: str, shape: list[int], fill: float = 0.01) -> dict[str, torch.Ten
         ),
         ("backward", _bad("lora.0.lm_head.A", [2, 64]), "not allowed"),
         ("backward", _bad("lora.5.q_proj.A", [2, 64]), "not in the requested blocks"),
-        ("backward", _bad("prompts", [2, 2, 64], float("nan")), "NaN"),
-        ("backward", _bad("prompts", [3, 2, 2, 64]), "deep prompts must be"),  # per-example rows != batch of 2
+        ("backward", _bad("deep_prompts", [2, 2, 64], float("nan")), "NaN"),
+        ("backward", _bad("deep_prompts", [3, 2, 2, 64]), "deep prompts must be"),  # per-example rows != batch of 2
     ],
 )
-def test_peer_rejects_malformed_trainables(client, llama_swarm, handler, trainables, message):
+def test_peer_rejects_malformed_adapters(client, llama_swarm, handler, trainables, message):
     from hivemind.p2p import PeerID
 
+    from blocks.adapters import Adapters
+    from peers.wire import Backward, Forward
     from swarm import PeerError
     from swarm.transport import call_backward, call_forward
 
     seq = client.model.sequence
     peer = PeerID.from_base58(llama_swarm.peers[0].info["peer_id"])
-    hidden = torch.randn(2, 4, 64)
+    hidden, adapters = torch.randn(2, 4, 64), Adapters(trainables)
     if handler == "forward":
-        call = call_forward(seq.p2p, peer, "0:2", hidden, 10**8, 30, trainables)
+        call = call_forward(seq.p2p, peer, Forward(0, 2, hidden, adapters), 10**8, 30)
     else:
-        call = call_backward(seq.p2p, peer, "0:2", hidden, torch.randn_like(hidden), 10**8, 30, trainables)
+        call = call_backward(seq.p2p, peer, Backward(0, 2, hidden, torch.randn_like(hidden), adapters), 10**8, 30)
     with pytest.raises(PeerError, match=message):
         seq.loop.run(call)
     # and the peer still serves
-    assert seq.loop.run(call_forward(seq.p2p, peer, "0:2", hidden, 10**8, 30)).shape == hidden.shape
+    assert seq.loop.run(call_forward(seq.p2p, peer, Forward(0, 2, hidden), 10**8, 30)).shape == hidden.shape
 
 
 def _dequantized_copy(span):
@@ -385,7 +387,7 @@ def test_lora_and_deep_prompts_work_on_quantized_blocks(llama_ckpt, quant):
     """Hooks, not re-implemented layers: LoRA adds exactly scale * B(A(x)) to a bitsandbytes layer's output, and
     gradients reach the LoRA tensors and the input through the quantized weights (for nf4: those of the dequantized
     weights; int8 also quantizes activations, so only checked to flow)."""
-    from blocks.adapters import linear_module, lora_hooks, run_span
+    from blocks.adapters import Adapters, linear_module, lora_hooks, run_span
     from blocks.checkpoint import open_checkpoint
     from blocks.span import load_span
 
@@ -398,13 +400,13 @@ def test_lora_and_deep_prompts_work_on_quantized_blocks(llama_ckpt, quant):
     with torch.no_grad():
         base = q_proj(x)
         delta = torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, a), b) * 2.0
-        with lora_hooks(span, {"lora.1.q_proj.A": a, "lora.1.q_proj.B": b}, 2.0):
+        with lora_hooks(span, Adapters({"lora.1.q_proj.A": a, "lora.1.q_proj.B": b}, 2.0)):
             assert torch.allclose(q_proj(x), base + delta, atol=1e-5)
 
     def grads(s) -> list[torch.Tensor]:
         leaves = [t.clone().requires_grad_(True) for t in (hidden, a, b, torch.randn(2, 2, 2, 64, generator=gen))]
-        tensors = {"lora.1.q_proj.A": leaves[1], "lora.1.q_proj.B": leaves[2], "prompts": leaves[3]}
-        run_span(s, leaves[0], 0, 2, tensors, 2.0).square().sum().backward()
+        tensors = {"lora.1.q_proj.A": leaves[1], "lora.1.q_proj.B": leaves[2], "deep_prompts": leaves[3]}
+        run_span(s, leaves[0], 0, 2, Adapters(tensors, 2.0)).square().sum().backward()
         return [t.grad for t in leaves]
 
     quantized = grads(span)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from conftest import start_swarm
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from peers.protocol import FORWARD_HANDLER, INFERENCE_HANDLER, make_request, receive_message
+from blocks.adapters import Adapters
+from peers.wire import FORWARD_HANDLER, INFERENCE_HANDLER, Forward, receive_message
+from peers.wire.codec import encode_metadata
 from swarm import AutoDistributedModelForCausalLM, PeerError
 from swarm.transport import InferenceStream, call_forward
 
@@ -50,9 +53,21 @@ def _ctx(guarded):
     return model.model.sequence, PeerID.from_base58(swarm.peers[0].info["peer_id"])
 
 
+@dataclass(frozen=True)
+class ForwardWithUid(Forward):
+    """A forward whose span field says whatever the test says (the typed message can only spell a valid span)."""
+
+    uid: str = "0:4"
+
+    def encode(self) -> runtime_pb2.ExpertRequest:
+        request = super().encode()
+        request.uid = self.uid
+        return request
+
+
 def forward(guarded, hidden: torch.Tensor, uid: str = "0:4") -> torch.Tensor:
     seq, peer = _ctx(guarded)
-    return seq.loop.run(call_forward(seq.p2p, peer, uid, hidden, 10**8, timeout=30))
+    return seq.loop.run(call_forward(seq.p2p, peer, ForwardWithUid(0, 4, hidden, uid=uid), 10**8, timeout=30))
 
 
 @pytest.mark.parametrize(
@@ -79,8 +94,9 @@ def test_bad_forward_requests_get_clear_errors(guarded, hidden, uid, message):
 
 def open_stream(guarded, max_length: int = 16, batch: int = 1, uid: str = "0:4") -> InferenceStream:
     seq, peer = _ctx(guarded)
-    stream = InferenceStream(seq.p2p, peer, uid, 10**8, timeout=30)
-    seq.loop.run(stream.open(max_length, batch, connect_timeout=30))
+    start, end = (int(b) for b in uid.split(":"))
+    stream = InferenceStream(seq.p2p, peer, start, end, 10**8, timeout=30)
+    seq.loop.run(stream.open(max_length, batch, connect_timeout=30, adapters=Adapters()))
     return stream
 
 
@@ -203,7 +219,8 @@ def test_too_many_sessions_is_refused_and_freed(guarded):
 
 def test_session_metadata_must_be_well_typed(guarded):
     def opening(metadata: dict) -> str:
-        payload = make_request([], metadata, uid="0:4").SerializeToString()
+        request = runtime_pb2.ExpertRequest(uid="0:4", metadata=encode_metadata({"version": 2, **metadata}))
+        payload = request.SerializeToString()
         return first_answer(guarded, INFERENCE_HANDLER, b"\x00" + len(payload).to_bytes(8, "big") + payload)
 
     assert "'max_length' must be an integer, got str" in opening({"max_length": "8", "batch": 1})

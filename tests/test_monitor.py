@@ -28,7 +28,7 @@ from test_records import make_record
 from dht.identity import peer_id_of
 from dht.models import MAX_NUM_BLOCKS, REGISTRY_KEY, ModelEntry, ModelRecord, parse_registry_entries
 from dht.records import BlockServer, ServerRecord
-from peers.config import ConfigError
+from peers.settings import ConfigError
 from swarm.monitor.config import load_monitor_config
 from swarm.monitor.metrics import MonitorMetrics
 from swarm.monitor.server import MonitorHTTPServer, read_package_file

@@ -100,14 +100,14 @@ model = AutoDistributedModelForCausalLM.from_pretrained(
 )
 seq = model.model.sequence
 deadline = time.monotonic() + 60
-while time.monotonic() < deadline and len(seq.rtt()) < 2:
+while time.monotonic() < deadline and len(seq.health.rtt()) < 2:
     time.sleep(0.2)
 ids = torch.arange(3, 11).unsqueeze(0)
 tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
 with model.inference_session(max_length=32) as session:
     model.generate(ids, max_new_tokens=2, do_sample=False)
     route = [s.peer_id.to_base58() for s in session.route]
-rtt = {p.to_base58(): r for p, r in seq.rtt().items()}
+rtt = {p.to_base58(): r for p, r in seq.health.rtt().items()}
 print(json.dumps({"route": route, "rtt": rtt, "tokens": tokens.tolist()}))
 model.shutdown()
 """

@@ -1,8 +1,9 @@
-"""peers.protocol / peers.validation / peers.sessions: everything taken off the network is checked explicitly."""
+"""peers.wire / peers.validation / peers.sessions: everything taken off the network is checked explicitly."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import msgpack
@@ -18,22 +19,22 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from blocks.span import BlockSpan, serving_config
-from peers.protocol import (
+from peers.sessions import CacheBudget, CacheFullError, PeerSession, TooManySessionsError
+from peers.wire import (
     MessageTooLargeError,
     ProtocolError,
     RemoteError,
+    Step,
     decode_metadata,
     decode_tensor,
     encode_metadata,
     encode_tensor,
-    get_int,
-    make_request,
     receive_message,
     send_error,
     send_message,
 )
-from peers.sessions import CacheBudget, CacheFullError, PeerSession, TooManySessionsError
-from peers.validation import check_forward_size, check_hidden, check_span, parse_span_uid
+from peers.wire.codec import get_int
+from peers.wire.validation import check_forward_size, check_hidden, check_span, parse_span_uid
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -209,7 +210,7 @@ def test_receive_clean_eof_returns_none():
 
 
 def test_receive_round_trip_through_send_message():
-    request = make_request([torch.randn(1, 2, 3)], {"position": 4}, uid="2:6")
+    request = Step(torch.randn(1, 2, 3), 4).encode(uid="2:6")
 
     async def encode():
         writer = _BufferWriter()
@@ -485,3 +486,80 @@ def test_session_reserved_tokens():
     assert session.reserved_tokens == 60
     other = PeerSession(0, 1, batch=1, max_length=20, cache=DynamicCache())
     assert other.session_id != session.session_id
+
+
+# ---- typed messages ----
+
+
+def _linear_shape(block: int, module: str) -> tuple[int, int]:
+    return 16, 16
+
+
+def test_open_session_round_trip_and_version_check():
+    from blocks.adapters import Adapters
+    from peers.wire import OpenSession, ProtocolError
+
+    limits = make_limits()
+    lora = {"lora.3.q_proj.A": torch.randn(2, 16), "lora.3.q_proj.B": torch.randn(16, 2)}
+    sent = OpenSession(2, 6, 32, 2, Adapters(lora, lora_scale=0.5, first_block=2))
+    got = OpenSession.decode(sent.encode(), limits, _linear_shape)
+    assert (got.start, got.end, got.max_length, got.batch, got.version) == (2, 6, 32, 2, 2)
+    assert got.adapters.names == sent.adapters.names and got.adapters.lora_scale == 0.5
+    assert all(torch.equal(got.adapters.tensors[n], t) for n, t in lora.items())
+    with pytest.raises(ProtocolError, match="protocol version 1 is not supported"):
+        OpenSession.decode(OpenSession(2, 6, 32, 2, version=1).encode(), limits, _linear_shape)
+    with pytest.raises(ProtocolError, match="'batch'=9 is outside"):
+        OpenSession.decode(OpenSession(2, 6, 32, 9).encode(), limits, _linear_shape)
+
+
+def test_step_and_reply_round_trip_with_push_chain():
+    from peers.wire import Step, StepReply
+
+    chain = (("QmPeerA", "a" * 32), ("QmPeerB", "b" * 32))
+    sent = Step(torch.randn(1, 3, 16), 5, step=7, push=chain)
+    got = Step.decode(sent.encode(), make_limits(), batch=1, max_length=64)
+    assert torch.equal(got.hidden, sent.hidden) and (got.position, got.step, got.push) == (5, 7, chain)
+    forwarded = Step.decode(sent.encoded_forward(encode_tensor(sent.hidden), "a" * 32), make_limits(), 1, 64)
+    assert forwarded.push == chain[1:] and forwarded.step == 7
+    reply = StepReply.decode(StepReply(torch.zeros(1, 3, 16), 8, 0.002, 7).encode(), sent)
+    assert reply.position == 8 and reply.compute_s == 0.002
+    with pytest.raises(ProtocolError, match="answer to step 7"):
+        StepReply.decode(StepReply(torch.zeros(1, 3, 16), 8, 0.002, 6).encode(), sent)
+    with pytest.raises(ProtocolError, match="the step's output has shape"):
+        StepReply.decode(StepReply(torch.zeros(1, 2, 16), 8, 0.002, 7).encode(), sent)
+    with pytest.raises(ProtocolError, match="push token"):
+        Step.decode(Step(torch.randn(1, 1, 16), 0, 1, (("QmPeer", "XYZ"),)).encode(), make_limits(), 1, 64)
+
+
+def test_gradients_must_match_the_request():
+    from blocks.adapters import Adapters
+    from peers.wire import Gradients
+
+    hidden, adapters = torch.randn(2, 3, 16), Adapters({"deep_prompts": torch.randn(4, 1, 16)}, first_block=2)
+    reply = Gradients(torch.ones_like(hidden), adapters.replace({"deep_prompts": torch.ones(4, 1, 16)}))
+    got = Gradients.decode(reply.encode(), hidden, adapters)
+    assert torch.equal(got.adapters.tensors["deep_prompts"], torch.ones(4, 1, 16))
+    with pytest.raises(ProtocolError, match="expected 2 tensor"):
+        Gradients.decode(Gradients(torch.ones_like(hidden)).encode(), hidden, adapters)
+
+
+def test_peer_info_refuses_unknown_and_mistyped_fields():
+    from peers.wire import PeerInfo
+
+    info = PeerInfo("m", "p", 0, 4, "float32", "none", 64, 4, "0.1.0", None, {"weight_bytes": 1})
+    assert PeerInfo.decode(info.encode()) == info
+    data = dataclasses.asdict(info)
+    for bad, message in ((dict(data, extra=1), "unknown fields"), (dict(data, start="0"), "'start' must be int")):
+        with pytest.raises(ProtocolError, match=message):
+            PeerInfo.decode(runtime_pb2.ExpertInfo(serialized_info=encode_metadata(bad)))
+
+
+def test_protocol_doc_is_current():
+    """docs/protocol.md is generated from peers/wire/messages.py: run scripts/protocol_doc.py after changing it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "protocol_doc.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -13,9 +13,9 @@ from swarm.transport import call_info
 def peer_stats(model) -> dict[str, dict]:
     sequence = model.model.sequence
     stats = {}
-    for peer_id in sequence.snapshot(refresh=True).peers:
+    for peer_id in sequence.view.snapshot(refresh=True).peers:
         info = sequence.loop.run(call_info(sequence.p2p, peer_id, 10.0))
-        stats[peer_id.to_base58()] = info["stats"]
+        stats[peer_id.to_base58()] = info.stats
     return stats
 
 

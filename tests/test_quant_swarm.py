@@ -43,10 +43,10 @@ def test_quantized_peer_logits_and_memory(mode, quant_swarm, llama_ckpt, local_m
         assert error > 1e-5, f"{mode}: logits are exact, so the weights were not quantized"
 
         seq = model.model.sequence
-        peer = next(iter(seq.snapshot(refresh=True).peers.values()))
+        peer = next(iter(seq.view.snapshot(refresh=True).peers.values()))
         info = seq.loop.run(call_info(seq.p2p, peer.peer_id, timeout=30))
-        assert info["quant"] == mode and (info["start"], info["end"]) == (0, 4)
-        weights = info["weights"]
+        assert info.quant == mode and (info.start, info.end) == (0, 4)
+        weights = info.weights
         # fp16 baseline: every linear weight of 4 blocks at 2 bytes
         config = local_model(llama_ckpt).config
         h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim

@@ -8,18 +8,22 @@ import hivemind
 import pytest
 from conftest import wait_until
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from dht.announce import announce_blocks, fetch_block_servers
 from dht.identity import load_or_create_identity, peer_id_of
 from dht.records import (
+    BlockServer,
     InvalidPrefixError,
+    PeerAnnouncement,
     ServerRecord,
     block_key,
     check_prefix,
     make_validators,
     owner_peer_id,
     parse_block_entries,
+    peer_announcements,
 )
 
 PREFIX = "tiny-model"
@@ -239,6 +243,53 @@ def test_owner_peer_id(signer):
     for bad in ("str", b"", b"[owner:]", b"[owner:ssh-rsa AAAA]", b"prefix" + signer.local_public_key):
         with pytest.raises(ValueError):
             owner_peer_id(bad)
+
+
+# ---- peer_announcements (pure: no network) ----
+
+A, B = PeerID(b"peer-a"), PeerID(b"peer-b")
+
+
+def block_servers(*entries: tuple[PeerID, list[int], ServerRecord, float]) -> dict[int, list[BlockServer]]:
+    """(peer, blocks, record, expiration) -> what fetch_block_servers returns (block -> servers)."""
+    servers: dict[int, list[BlockServer]] = {}
+    for peer, blocks, record, expiration in entries:
+        for block in blocks:
+            servers.setdefault(block, []).append(BlockServer(peer, block, record, expiration))
+    return servers
+
+
+def test_peer_announcements_freshest_record_stands_for_the_peer():
+    servers = block_servers(
+        (A, [0], make_record(start=0, end=2, cache_tokens_left=1), 10.0),
+        (A, [1], make_record(start=0, end=2, cache_tokens_left=5), 20.0),  # a newer refresh of the same span
+        (B, [1, 2], make_record(start=1, end=3, state="joining"), 15.0),
+    )
+    found = peer_announcements(servers)
+    assert found[A] == PeerAnnouncement(A, make_record(start=0, end=2, cache_tokens_left=5), (0, 1), 0, 2, 20.0)
+    assert (found[B].state, found[B].blocks, found[B].start, found[B].end) == ("joining", (1, 2), 1, 3)
+    assert peer_announcements({}) == {} and peer_announcements({0: [], 1: []}) == {}
+
+
+def test_peer_announcements_ignore_leftovers_of_an_earlier_span_or_state():
+    servers = block_servers(
+        (A, [0, 1], make_record(start=0, end=2), 100.0),  # left over from before a move
+        (A, [2, 3], make_record(start=2, end=4), 150.0),
+        (B, [0], make_record(start=0, end=2), 100.0),
+        (B, [1], make_record(start=0, end=2, state="offline"), 150.0),  # went offline: its online record is stale
+    )
+    found = peer_announcements(servers)
+    assert (found[A].blocks, found[A].start, found[A].end) == ((2, 3), 2, 4)
+    assert (found[B].state, found[B].blocks, found[B].expiration) == ("offline", (1,), 150.0)
+
+
+def test_peer_announcements_serve_the_contiguous_run_of_announced_blocks():
+    # block 5's record lapsed: all found blocks are listed, but only the run from the first is one span
+    found = peer_announcements(block_servers((A, [4, 6, 7], make_record(start=4, end=8), 100.0)))
+    assert (found[A].blocks, found[A].start, found[A].end) == ((4, 6, 7), 4, 5)
+    # the span's first block lapsed: the run starts at the first block found
+    found = peer_announcements(block_servers((A, [2, 3], make_record(start=1, end=4), 100.0)))
+    assert (found[A].start, found[A].end) == (2, 4)
 
 
 # ---- prefixes and identities ----

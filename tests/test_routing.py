@@ -7,13 +7,15 @@ import random
 
 import pytest
 from hivemind.p2p import PeerID
+from test_records import block_servers, make_record
 
-from dht.records import BlockServer, ServerRecord
+from dht.records import ServerRecord, peer_announcements
 from peers.placement import (
     choose_span,
     coverage,
     effective_throughputs,
     plan_move,
+    spans_of_others,
     throughput_coverage,
 )
 from swarm.routing import (
@@ -210,32 +212,12 @@ def test_random_snapshots_match_breadth_first_search():
 
 
 def _record(start: int, end: int, state: str = "online", throughput: float = 1.0, **kw) -> ServerRecord:
-    values = dict(
-        state=state,
-        start=start,
-        end=end,
-        throughput=throughput,
-        dtype="float32",
-        quant="none",
-        cache_tokens_left=500,
-        max_length=256,
-        version="0.1.0",
-    )
-    values.update(kw)
-    return ServerRecord(**values)
-
-
-def _servers(*entries: tuple) -> dict[int, list[BlockServer]]:
-    """entries: (peer_id, blocks, record, expiration)."""
-    out: dict[int, list[BlockServer]] = {}
-    for peer_id, blocks, record, expiration in entries:
-        for block in blocks:
-            out.setdefault(block, []).append(BlockServer(peer_id, block, record, expiration))
-    return out
+    values = dict(start=start, end=end, state=state, throughput=throughput, cache_tokens_left=500, max_length=256)
+    return make_record(**{**values, **kw})
 
 
 def test_from_servers_merges_and_filters():
-    servers = _servers(
+    servers = block_servers(
         (A, [0, 1, 2], _record(0, 3, throughput=4.0, max_length=512, cache_tokens_left=77), 100.0),
         (B, [3, 4, 5], _record(3, 6, state="joining"), 100.0),
         (C, [0, 1, 2, 3, 4, 5, 6, 7], _record(0, 8, state="offline"), 100.0),
@@ -250,7 +232,7 @@ def test_from_servers_merges_and_filters():
 
 
 def test_from_servers_uses_the_latest_record():
-    servers = _servers(
+    servers = block_servers(
         (E, [2], _record(2, 4, throughput=1.0, cache_tokens_left=10), 100.0),
         (E, [3], _record(2, 4, throughput=7.0, cache_tokens_left=20), 200.0),
     )
@@ -259,7 +241,7 @@ def test_from_servers_uses_the_latest_record():
 
 
 def test_from_servers_mixed_states_of_one_peer():
-    servers = _servers(
+    servers = block_servers(
         (F, [0], _record(0, 2), 100.0),
         (F, [1], _record(0, 2, state="offline"), 150.0),
     )
@@ -268,7 +250,7 @@ def test_from_servers_mixed_states_of_one_peer():
 
 
 def test_from_servers_ignores_records_of_an_earlier_span():
-    servers = _servers(
+    servers = block_servers(
         (F, [0, 1], _record(0, 2), 100.0),  # left over from before a restart
         (F, [2, 3], _record(2, 4), 150.0),
     )
@@ -278,7 +260,7 @@ def test_from_servers_ignores_records_of_an_earlier_span():
 
 
 def test_from_servers_then_route():
-    servers = _servers(
+    servers = block_servers(
         (A, [0, 1], _record(0, 2, throughput=5.0), 100.0),
         (B, [2, 3], _record(2, 4, throughput=5.0), 100.0),
         (C, [0, 1, 2, 3], _record(0, 4, state="joining", throughput=100.0), 100.0),
@@ -430,6 +412,19 @@ def test_throughput_coverage_and_effective_throughputs():
     assert throughput_coverage(4, [(0, 2, 10.0), (1, 4, 5.0)]) == [10.0, 15.0, 5.0, 5.0]
     assert effective_throughputs([0.0, 10.0, 30.0, 20.0]) == [20.0, 10.0, 30.0, 20.0]
     assert effective_throughputs([0.0, 0.0]) == [1.0, 1.0]
+
+
+def test_spans_of_others_skip_offline_peers_and_oneself():
+    found = peer_announcements(
+        block_servers(
+            (A, [0, 1], _record(0, 2, throughput=10.0), 100.0),
+            (B, [2, 3], _record(2, 4, state="joining", throughput=0.0), 100.0),  # coming, not measured yet
+            (C, [0, 1, 2, 3], _record(0, 4, state="offline", throughput=50.0), 100.0),
+            (D, [1, 3], _record(1, 4, throughput=30.0), 100.0),  # block 2's record lapsed: only block 1 counts
+            (E, [3], _record(3, 4, throughput=99.0), 100.0),  # the peer asking
+        )
+    )
+    assert sorted(spans_of_others(found, me=E)) == [(0, 2, 10.0), (1, 2, 30.0), (2, 4, 20.0)]  # B: the median
 
 
 def test_choose_span_goes_where_throughput_is_weakest():

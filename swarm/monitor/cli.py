@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Any
 
-from peers.config import ConfigError
+from peers.settings import ConfigError, configure_logging, write_ready_file
 from swarm.monitor.config import MonitorConfig, load_monitor_config
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ def page_settings(config: MonitorConfig) -> dict[str, Any]:
 
 def run_monitor(config: MonitorConfig, stop: threading.Event) -> None:
     """Serve until `stop` is set: the first look at the swarm happens before the web server reports ready."""
-    from peers.runner import write_ready_file
     from swarm.monitor.collector import Monitor
     from swarm.monitor.server import MonitorHTTPServer
     from swarm.monitor.state import state_json
@@ -79,11 +78,7 @@ def monitor_main(argv: list[str] | None = None) -> None:
         config = load_monitor_config(argv)
     except ConfigError as e:
         sys.exit(f"swarm-monitor: error: {e}")
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s [%(levelname)s] [%(name)s] %(message)s",
-        datefmt="%b %d %H:%M:%S",
-    )
+    configure_logging(config.log_level)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

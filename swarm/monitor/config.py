@@ -1,45 +1,46 @@
 """Typed configuration of ``swarm-monitor``: each field is a flag, an env var ``SWARM_MONITOR_<NAME>`` and a key of
-an optional TOML or JSON file (``--config``), with the same precedence as the peer's (see peers.config)."""
+an optional TOML or JSON file (``--config``), with the same precedence as the peer's (see peers.settings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from dht.maddrs import parse_host_maddrs, parse_initial_peers
-from peers.config import DEFAULT_HOST_MADDRS, ConfigError, _check_log_level, _opt, checked_maddrs, load_config
+from peers.config import DEFAULT_HOST_MADDRS
+from peers.settings import ConfigError, check_log_level, checked_maddrs, load_config, option
 
 
 @dataclass
 class MonitorConfig:
     """A DHT client that watches the swarm and serves a health page, a JSON API and Prometheus metrics."""
 
-    initial_peers: list[str] = _opt("multiaddrs of any peers of the swarm (required)", default_factory=list)
-    host_maddrs: list[str] = _opt(
+    initial_peers: list[str] = option("multiaddrs of any peers of the swarm (required)", default_factory=list)
+    host_maddrs: list[str] = option(
         "multiaddrs the monitor's DHT client listens on", default_factory=lambda: list(DEFAULT_HOST_MADDRS)
     )
-    identity_path: str | None = _opt("private key file: a stable peer ID for the monitor (created if missing)")
-    models: list[str] = _opt(
+    identity_path: str | None = option("private key file: a stable peer ID for the monitor (created if missing)")
+    models: list[str] = option(
         "show only these DHT prefixes (default: every model the swarm registers)", default_factory=list
     )
-    host: str = _opt("address the web server binds to", default="127.0.0.1")
-    port: int = _opt("web server port (0: any free port; see --ready-file)", default=8000)
-    db_path: str = _opt("SQLite file with the history (':memory:' keeps none)", default="swarm-monitor.sqlite3")
-    ready_file: str | None = _opt("write a JSON file with the page's URL once serving")
-    scrape_period: float = _opt("seconds between two looks at the swarm", default=30.0)
-    dht_timeout: float = _opt("seconds one DHT lookup may take", default=20.0)
-    rtt_timeout: float = _opt("seconds to wait for a peer's answer to the round-trip probe", default=5.0)
-    probe_concurrency: int = _opt("peers probed at the same time", default=32)
-    max_models: int = _opt("most models shown (a registry entry costs its announcer nothing)", default=32)
-    max_blocks: int = _opt("skip models announced with more blocks than this", default=1024)
-    max_peers: int = _opt("most peers shown per model (the rest are counted, not listed)", default=512)
-    history_window: float = _opt("seconds of history shown on the page and in the API", default=6 * 3600.0)
-    history_retention: float = _opt("seconds of history kept in the SQLite file", default=48 * 3600.0)
-    history_buckets: int = _opt("points of the history timelines", default=72)
-    page_refresh: float = _opt("seconds between two refreshes of the page", default=10.0)
-    log_level: str = _opt("logging level", default="INFO")
+    host: str = option("address the web server binds to", default="127.0.0.1")
+    port: int = option("web server port (0: any free port; see --ready-file)", default=8000)
+    db_path: str = option("SQLite file with the history (':memory:' keeps none)", default="swarm-monitor.sqlite3")
+    ready_file: str | None = option("write a JSON file with the page's URL once serving")
+    scrape_period: float = option("seconds between two looks at the swarm", default=30.0)
+    dht_timeout: float = option("seconds one DHT lookup may take", default=20.0)
+    rtt_timeout: float = option("seconds to wait for a peer's answer to the round-trip probe", default=5.0)
+    probe_concurrency: int = option("peers probed at the same time", default=32)
+    max_models: int = option("most models shown (a registry entry costs its announcer nothing)", default=32)
+    max_blocks: int = option("skip models announced with more blocks than this", default=1024)
+    max_peers: int = option("most peers shown per model (the rest are counted, not listed)", default=512)
+    history_window: float = option("seconds of history shown on the page and in the API", default=6 * 3600.0)
+    history_retention: float = option("seconds of history kept in the SQLite file", default=48 * 3600.0)
+    history_buckets: int = option("points of the history timelines", default=72)
+    page_refresh: float = option("seconds between two refreshes of the page", default=10.0)
+    log_level: str = option("logging level", default="INFO")
 
     def validate(self) -> MonitorConfig:
-        _check_log_level(self.log_level)
+        check_log_level(self.log_level)
         if not self.initial_peers:
             raise ConfigError("give --initial-peers MADDR ... of any peer of the swarm")
         self.initial_peers = checked_maddrs(parse_initial_peers, self.initial_peers, "--initial-peers")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dht.models import ModelEntry
-from dht.records import BlockServer, ServerRecord
+from dht.records import BlockServer, ServerRecord, peer_announcements
 
 SCHEMA_VERSION = 1
 PeerState = Literal["joining", "online", "offline", "unreachable"]
@@ -51,7 +51,7 @@ class Probe:
 class PeerView:
     peer_id: str
     record: ServerRecord  # the freshest of the peer's block records (they are one announcement)
-    blocks: tuple[int, ...]  # blocks under which a valid record of this peer was found
+    blocks: tuple[int, ...]  # blocks under which the freshest record's state and span were found
     expires_at: float
     state: PeerState
     probe: Probe | None  # None: not probed (only peers announced online are)
@@ -169,19 +169,13 @@ class AnnouncedPeer:
 
 
 def group_by_peer(servers: dict[int, list[BlockServer]]) -> list[AnnouncedPeer]:
-    """Block -> servers, regrouped per peer; a peer's freshest record stands for its announcement."""
-    blocks: dict[str, list[int]] = defaultdict(list)
-    freshest: dict[str, BlockServer] = {}
-    for block, found in servers.items():
-        for server in found:
-            peer = server.peer_id.to_base58()
-            blocks[peer].append(block)
-            if peer not in freshest or server.expiration > freshest[peer].expiration:
-                freshest[peer] = server
-    return [
-        AnnouncedPeer(peer, freshest[peer].record, tuple(sorted(blocks[peer])), freshest[peer].expiration)
-        for peer in sorted(freshest)
+    """Block -> servers, regrouped per peer in peer ID order, every announced state kept (the monitor shows them
+    all); the rule of what a peer announces is dht.records.peer_announcements'."""
+    announced = [
+        AnnouncedPeer(peer_id.to_base58(), a.record, a.blocks, a.expiration)
+        for peer_id, a in peer_announcements(servers).items()
     ]
+    return sorted(announced, key=lambda p: p.peer_id)
 
 
 def effective_state(announced: str, probe: Probe | None) -> PeerState:

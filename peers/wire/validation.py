@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from blocks.adapters import PROMPTS, parse_lora_name
-from peers.protocol import ProtocolError
+from blocks.adapters import DEEP_PROMPTS, parse_lora_name
+from peers.wire.framing import ProtocolError
 
 MAX_LORA_SCALE = 1e4
 
@@ -99,16 +99,15 @@ def check_backward_size(hidden: torch.Tensor, grad: torch.Tensor, limits: Limits
         raise ProtocolError("output gradient contains NaN or infinite values")
 
 
-def get_lora_scale(meta: dict[str, Any]) -> float:
-    scale = meta.get("lora_scale", 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+def check_lora_scale(scale: Any) -> float:
+    if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ProtocolError("metadata field 'lora_scale' must be a finite number")
     if abs(scale) > MAX_LORA_SCALE:
         raise ProtocolError(f"metadata field 'lora_scale'={scale} exceeds {MAX_LORA_SCALE}")
     return float(scale)
 
 
-def check_trainables(
+def check_adapters(
     names: Any,
     tensors: list[torch.Tensor],
     hidden: torch.Tensor,
@@ -119,28 +118,28 @@ def check_trainables(
 ) -> dict[str, torch.Tensor]:
     """Client-sent deep prompts and LoRA tensors for blocks [start, end) of a request on `hidden`.
 
-    `names` (from metadata) names each tensor; see blocks.adapters for their meaning. Each is either shared
-    (no batch dim) or per example (leading dim = the batch). `linear_shape(block, module)` gives a target
-    module's (in_features, out_features). Returns name -> tensor, in the order sent.
+    `names` (from metadata field 'adapters') names each tensor; see blocks.adapters for their meaning. Each is
+    either shared (no batch dim) or per example (leading dim = the batch). `linear_shape(block, module)` gives a
+    target module's (in_features, out_features). Returns name -> tensor, in the order sent.
     """
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ProtocolError("metadata field 'names' must be a list of strings")
+        raise ProtocolError("metadata field 'adapters' must be a list of strings")
     if len(names) != len(tensors):
-        raise ProtocolError(f"{len(names)} names for {len(tensors)} trainable tensors")
+        raise ProtocolError(f"{len(names)} adapter names for {len(tensors)} adapter tensors")
     if len(set(names)) != len(names):
-        raise ProtocolError("trainable tensor names must be unique")
+        raise ProtocolError("adapter tensor names must be unique")
     batch, tokens = hidden.shape[0], hidden.shape[1]
     result: dict[str, torch.Tensor] = {}
     lora_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in zip(names, tensors, strict=True):
         if tensor.dtype != hidden.dtype:
             raise ProtocolError(f"{name[:40]!r}: dtype {tensor.dtype} differs from the hidden states' {hidden.dtype}")
-        if name == PROMPTS:
+        if name == DEEP_PROMPTS:
             _check_prompts(tensor, batch, tokens, end - start, limits)
         else:
             parsed = parse_lora_name(name)
             if parsed is None:
-                raise ProtocolError(f"unknown trainable tensor {name[:40]!r} (or a LoRA module not allowed)")
+                raise ProtocolError(f"unknown adapter tensor {name[:40]!r} (or a LoRA module not allowed)")
             block, module, part = parsed
             if not start <= block < end:
                 raise ProtocolError(f"{name}: block {block} is not in the requested blocks [{start}, {end})")

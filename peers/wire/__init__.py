@@ -1,0 +1,62 @@
+"""The wire protocol between clients and peers, shared by both sides: framing (``framing``), the values inside a
+message (``codec``) and every message as a typed value (``messages``, the protocol's specification)."""
+
+from peers.wire.codec import WIRE_DTYPES, decode_metadata, decode_tensor, encode_metadata, encode_tensor
+from peers.wire.framing import (
+    MessageTooLargeError,
+    ProtocolError,
+    RemoteError,
+    receive_message,
+    send_error,
+    send_message,
+)
+from peers.wire.messages import (
+    BACKWARD_HANDLER,
+    FORWARD_HANDLER,
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PROTOCOL_VERSION,
+    PUSH_HANDLER,
+    TRAIN_HANDLER,
+    Backward,
+    Forward,
+    ForwardReply,
+    Gradients,
+    GradOutput,
+    OpenSession,
+    PeerInfo,
+    SessionOpened,
+    Step,
+    StepReply,
+)
+
+__all__ = [
+    "BACKWARD_HANDLER",
+    "FORWARD_HANDLER",
+    "INFERENCE_HANDLER",
+    "INFO_HANDLER",
+    "PROTOCOL_VERSION",
+    "PUSH_HANDLER",
+    "TRAIN_HANDLER",
+    "WIRE_DTYPES",
+    "Backward",
+    "Forward",
+    "ForwardReply",
+    "GradOutput",
+    "Gradients",
+    "MessageTooLargeError",
+    "OpenSession",
+    "PeerInfo",
+    "ProtocolError",
+    "RemoteError",
+    "SessionOpened",
+    "Step",
+    "StepReply",
+    "decode_metadata",
+    "decode_tensor",
+    "encode_metadata",
+    "encode_tensor",
+    "receive_message",
+    "send_error",
+    "send_message",
+]

@@ -1,0 +1,115 @@
+"""Values inside a message: tensors (hivemind's serialization, decoded only after explicit checks) and metadata
+(msgpack), with readers that check each field's type and range and name the field when they refuse it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from blocks.dtypes import DTYPES
+from peers.wire.framing import ProtocolError
+
+WIRE_DTYPES: dict[str, torch.dtype] = DTYPES  # hidden states travel in any dtype a peer may compute in
+_ITEMSIZE = {name: torch.finfo(dtype).bits // 8 for name, dtype in WIRE_DTYPES.items()}
+_TOKEN_CHARS = frozenset("0123456789abcdef")
+
+
+def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        # hivemind's default (legacy) mode sends bfloat16 as float32 buffers, which decode_tensor rightly refuses
+        # (and which doubles the bytes): send the 2-byte data itself, as hivemind's non-legacy mode does.
+        return runtime_pb2.Tensor(
+            compression=runtime_pb2.CompressionType.NONE,
+            buffer=tensor.contiguous().view(torch.int16).numpy().tobytes(),
+            size=tensor.shape,
+            dtype="bfloat16",
+        )
+    return serialize_torch_tensor(tensor)
+
+
+def decode_tensor(proto: runtime_pb2.Tensor, *, max_numel: int) -> torch.Tensor:
+    """Deserialize a tensor after checking dtype, compression, shape and buffer size explicitly."""
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise ProtocolError("compressed tensors are not accepted")
+    if proto.dtype not in WIRE_DTYPES:
+        raise ProtocolError(f"tensor dtype {proto.dtype!r} is not one of {sorted(WIRE_DTYPES)}")
+    if proto.chunks not in (0, 1):
+        raise ProtocolError("chunked tensors are not accepted")
+    shape = list(proto.size)
+    if len(shape) == 0 or len(shape) > 8:
+        raise ProtocolError(f"tensor must have 1-8 dimensions, got {len(shape)}")
+    numel = math.prod(shape)
+    if numel > max_numel:
+        raise ProtocolError(f"tensor of {numel} elements exceeds the limit of {max_numel}")
+    if len(proto.buffer) != numel * _ITEMSIZE[proto.dtype]:
+        raise ProtocolError(
+            f"tensor buffer holds {len(proto.buffer)} bytes, but shape {shape} of {proto.dtype} needs "
+            f"{numel * _ITEMSIZE[proto.dtype]}"
+        )
+    return deserialize_torch_tensor(proto).reshape(shape)
+
+
+def encode_metadata(metadata: dict[str, Any]) -> bytes:
+    return msgpack.packb(metadata, use_bin_type=True)
+
+
+def decode_metadata(data: bytes) -> dict[str, Any]:
+    if not data:
+        return {}
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"metadata is not valid msgpack: {e}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("metadata must be a map")
+    return value
+
+
+def get_int(meta: dict[str, Any], key: str, *, low: int, high: int, default: int | None = None) -> int:
+    """Read an integer field from metadata, checking its type and range."""
+    value = meta.get(key, default)
+    if value is None:
+        raise ProtocolError(f"metadata field {key!r} is required")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"metadata field {key!r} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ProtocolError(f"metadata field {key!r}={value} is outside [{low}, {high}]")
+    return value
+
+
+def get_float(meta: dict[str, Any], key: str, *, low: float, high: float, default: float | None = None) -> float:
+    value = meta.get(key, default)
+    if value is None:
+        raise ProtocolError(f"metadata field {key!r} is required")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ProtocolError(f"metadata field {key!r} must be a finite number")
+    if not low <= value <= high:
+        raise ProtocolError(f"metadata field {key!r}={value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def get_bool(meta: dict[str, Any], key: str, *, default: bool | None = None) -> bool:
+    value = meta.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"metadata field {key!r} must be true or false")
+    return value
+
+
+def get_str(meta: dict[str, Any], key: str, *, max_chars: int, default: str | None = None) -> str:
+    value = meta.get(key, default)
+    if not isinstance(value, str) or len(value) > max_chars:
+        raise ProtocolError(f"metadata field {key!r} must be a string of at most {max_chars} characters")
+    return value
+
+
+def get_hex_token(meta: dict[str, Any], key: str, *, length: int) -> str:
+    value = meta.get(key)
+    if not isinstance(value, str) or len(value) != length or not _TOKEN_CHARS.issuperset(value):
+        raise ProtocolError(f"metadata field {key!r} must be {length} lowercase hex characters")
+    return value

@@ -1,0 +1,55 @@
+"""Frames on a stream: hivemind's protobuf framing (a marker byte, a length, the payload), read so that a frame
+larger than the receiver's byte limit is refused *before* it is read. Errors of the protocol are typed here."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hivemind.p2p import P2P
+from hivemind.proto.p2pd_pb2 import RPCError
+
+_HEADER_LEN = P2P.HEADER_LEN
+MAX_ERROR_CHARS = 2000  # of an error message from the other side shown in our exceptions
+
+
+class ProtocolError(ValueError):
+    """A request or response that breaks the protocol (bad shape, dtype, size, field...)."""
+
+
+class RemoteError(RuntimeError):
+    """The other side reported an error."""
+
+
+class MessageTooLargeError(ProtocolError):
+    pass
+
+
+async def send_message(message, writer: asyncio.StreamWriter) -> None:
+    await P2P.send_protobuf(message, writer)
+
+
+async def send_error(text: str, writer: asyncio.StreamWriter) -> None:
+    await P2P.send_protobuf(RPCError(message=text), writer)
+
+
+async def receive_message(reader: asyncio.StreamReader, proto_type: type, *, max_bytes: int):
+    """Read one frame; None at a clean end of stream. Raises RemoteError for an error frame."""
+    try:
+        marker = await reader.readexactly(1)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise ProtocolError("invalid frame marker")
+    length = int.from_bytes(await reader.readexactly(_HEADER_LEN), P2P.BYTEORDER)
+    if length > max_bytes:
+        raise MessageTooLargeError(f"message of {length} bytes exceeds the limit of {max_bytes} bytes")
+    payload = await reader.readexactly(length)
+    if marker == P2P.ERROR_MARKER:
+        raise RemoteError(RPCError.FromString(payload).message[:MAX_ERROR_CHARS])
+    try:
+        message = proto_type.FromString(payload)
+    except Exception as e:
+        raise ProtocolError(f"message is not a valid {proto_type.__name__}: {e}") from None
+    return message

@@ -1,0 +1,433 @@
+"""Every message of the protocol, defined once as a typed value with its encoding and its validation.
+
+Both sides use only these classes: a client builds a request and ``encode()``s it; a peer ``decode()``s it against
+its limits (each untrusted field checked by explicit code; a failure is a ProtocolError naming the field); the
+peer answers with a reply value that the client decodes against what it sent. Requests are hivemind
+``ExpertRequest`` protobufs (uid, tensors, msgpack metadata), replies ``ExpertResponse``. docs/protocol.md
+describes the exchanges; this module is their specification.
+
+Handlers and their exchanges (each a stream; "->" client to peer, "<-" peer to client):
+
+- inference: -> OpenSession, <- SessionOpened, then any number of -> Step / <- StepReply. A Step may instead come
+  from the previous peer of the route, pushed on the push handler (uid = the session's push token).
+- forward: -> Forward, <- ForwardReply.
+- backward: -> Backward, <- Gradients (the peer recomputes the forward; nothing is kept between calls).
+- train: -> Forward, <- ForwardReply(held=...), then, if held, -> GradOutput, <- Gradients (from the held graph).
+- info (a unary protobuf call): <- PeerInfo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from blocks.adapters import Adapters
+from peers.wire.codec import (
+    WIRE_DTYPES,
+    decode_metadata,
+    decode_tensor,
+    encode_metadata,
+    encode_tensor,
+    get_bool,
+    get_float,
+    get_hex_token,
+    get_int,
+)
+from peers.wire.framing import ProtocolError
+from peers.wire.validation import (
+    Limits,
+    check_adapters,
+    check_backward_size,
+    check_forward_size,
+    check_hidden,
+    check_lora_scale,
+    parse_span_uid,
+)
+
+PROTOCOL_VERSION = 2
+INFERENCE_HANDLER = "blockswarm.v2.inference"
+FORWARD_HANDLER = "blockswarm.v2.forward"
+BACKWARD_HANDLER = "blockswarm.v2.backward"
+TRAIN_HANDLER = "blockswarm.v2.train"
+INFO_HANDLER = "blockswarm.v2.info"
+PUSH_HANDLER = "blockswarm.v2.push"  # peer-to-peer: a step's output pushed straight into the next peer's session
+MAX_PUSH_HOPS = 256  # longest chain of next peers one step may name
+PUSH_TOKEN_LENGTH = 32
+MAX_COMPUTE_SECONDS = 86400.0
+
+LinearShape = Callable[[int, str], tuple[int, int]]  # (block, module) -> (in_features, out_features)
+
+
+class _Key:
+    """Metadata keys, each spelled once."""
+
+    VERSION = "version"
+    MAX_LENGTH = "max_length"
+    BATCH = "batch"
+    SESSION_ID = "session_id"
+    PUSH_TOKEN = "push_token"
+    POSITION = "position"
+    STEP = "step"
+    PUSH = "push"
+    COMPUTE_S = "compute_s"
+    HELD = "held"
+    ADAPTERS = "adapters"
+    LORA_SCALE = "lora_scale"
+
+
+def span_uid(start: int, end: int) -> str:
+    return f"{start}:{end}"
+
+
+def _request(uid: str, tensors: list[torch.Tensor], meta: dict[str, Any]) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        uid=uid, tensors=[encode_tensor(t) for t in tensors], metadata=encode_metadata(meta)
+    )
+
+
+def _response(tensors: list, meta: dict[str, Any]) -> runtime_pb2.ExpertResponse:
+    """`tensors` may hold already encoded tensors (a step's output is encoded once for the push and the reply)."""
+    encoded = [t if isinstance(t, runtime_pb2.Tensor) else encode_tensor(t) for t in tensors]
+    return runtime_pb2.ExpertResponse(tensors=encoded, metadata=encode_metadata(meta))
+
+
+def _count(proto, expected: int, what: str) -> None:
+    if len(proto.tensors) != expected:
+        raise ProtocolError(f"expected {expected} tensor(s) ({what}), got {len(proto.tensors)}")
+
+
+def _adapters_meta(adapters: Adapters) -> dict[str, Any]:
+    return {_Key.ADAPTERS: list(adapters.names), _Key.LORA_SCALE: adapters.lora_scale} if adapters else {}
+
+
+def _decode_adapters(
+    proto: runtime_pb2.ExpertRequest,
+    meta: dict[str, Any],
+    fixed: int,
+    like: torch.Tensor,
+    start: int,
+    end: int,
+    limits: Limits,
+    linear_shape: LinearShape,
+) -> Adapters:
+    """The adapter tensors that follow the request's `fixed` tensors, named in metadata, checked for this span."""
+    names = meta.get(_Key.ADAPTERS, [])
+    tensors = [decode_tensor(t, max_numel=limits.max_numel) for t in proto.tensors[fixed:]]
+    checked = check_adapters(names, tensors, like, start, end, limits, linear_shape)
+    return Adapters(checked, check_lora_scale(meta.get(_Key.LORA_SCALE, 1.0)), first_block=start)
+
+
+def _check_reply_tensor(out: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
+    """A peer's answer is network input too: shaped like what we sent, finite."""
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ProtocolError(f"{what} has shape {list(out.shape)} {out.dtype}, expected {list(like.shape)} {like.dtype}")
+    if not torch.isfinite(out).all():
+        raise ProtocolError(f"{what} contains NaN or infinite values")
+    return out
+
+
+def _reply_tensor(proto: runtime_pb2.ExpertResponse, index: int, like: torch.Tensor, what: str) -> torch.Tensor:
+    max_numel = max(like.numel(), 1)  # exactly what is expected, before the buffer is touched
+    return _check_reply_tensor(decode_tensor(proto.tensors[index], max_numel=max_numel), like, what)
+
+
+# ---- inference sessions ----
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """First frame of an inference stream: blocks [start, end), room for batch x max_length tokens, and adapters
+    applied to every step of the session."""
+
+    start: int
+    end: int
+    max_length: int
+    batch: int
+    adapters: Adapters = field(default_factory=Adapters)
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> runtime_pb2.ExpertRequest:
+        meta = {_Key.VERSION: self.version, _Key.MAX_LENGTH: self.max_length, _Key.BATCH: self.batch}
+        return _request(span_uid(self.start, self.end), self.adapters.values, meta | _adapters_meta(self.adapters))
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertRequest, limits: Limits, linear_shape: LinearShape) -> OpenSession:
+        meta = decode_metadata(proto.metadata)
+        version = get_int(meta, _Key.VERSION, low=0, high=2**31, default=1)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version} is not supported: this peer speaks {PROTOCOL_VERSION}")
+        start, end = parse_span_uid(proto.uid, limits)
+        max_length = get_int(meta, _Key.MAX_LENGTH, low=1, high=limits.max_length)
+        batch = get_int(meta, _Key.BATCH, low=1, high=limits.max_batch)
+        # Shapes only: adapters are checked against a session of batch x max_length tokens.
+        dtype = proto.tensors[0].dtype if proto.tensors else "float32"
+        # (an unknown dtype name is refused with a clear error when the tensors are decoded)
+        like = torch.empty(
+            batch, max_length, limits.hidden_size, dtype=WIRE_DTYPES.get(dtype, torch.float32), device="meta"
+        )
+        adapters = _decode_adapters(proto, meta, 0, like, start, end, limits, linear_shape)
+        return cls(start, end, max_length, batch, adapters, version)
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    session_id: int
+    push_token: str  # a capability: only peers the client names can push into this session
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> runtime_pb2.ExpertResponse:
+        meta = {_Key.VERSION: self.version, _Key.SESSION_ID: self.session_id, _Key.PUSH_TOKEN: self.push_token}
+        return _response([], meta)
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertResponse) -> SessionOpened:
+        meta = decode_metadata(proto.metadata)
+        version = get_int(meta, _Key.VERSION, low=0, high=2**31)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"the peer speaks protocol version {version}, this client {PROTOCOL_VERSION}")
+        session_id = get_int(meta, _Key.SESSION_ID, low=0, high=2**63)
+        return cls(session_id, get_hex_token(meta, _Key.PUSH_TOKEN, length=PUSH_TOKEN_LENGTH), version)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Tokens [position, position + T) of a session's hidden states. `step` numbers a client's steps so that a peer
+    computes a step only once when it arrives both pushed and from the client; `push` names the peers (base58 ID,
+    push token) that the output goes to next, in order."""
+
+    hidden: torch.Tensor
+    position: int
+    step: int | None = None
+    push: tuple[tuple[str, str], ...] = ()
+
+    def encode(self, uid: str = "") -> runtime_pb2.ExpertRequest:
+        meta: dict[str, Any] = {_Key.POSITION: self.position}
+        if self.step is not None:
+            meta[_Key.STEP] = self.step
+        if self.push:
+            meta[_Key.PUSH] = [list(hop) for hop in self.push]
+        return _request(uid, [self.hidden], meta)
+
+    def encoded_forward(self, output: runtime_pb2.Tensor, uid: str) -> runtime_pb2.ExpertRequest:
+        """This step's output, already encoded, as the next peer's step (pushed to session `uid`)."""
+        meta: dict[str, Any] = {_Key.POSITION: self.position, _Key.STEP: self.step}
+        meta[_Key.PUSH] = [list(hop) for hop in self.push[1:]]
+        return runtime_pb2.ExpertRequest(uid=uid, tensors=[output], metadata=encode_metadata(meta))
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertRequest, limits: Limits, batch: int, max_length: int) -> Step:
+        meta = decode_metadata(proto.metadata)
+        _count(proto, 1, "hidden states")
+        hidden = check_hidden(decode_tensor(proto.tensors[0], max_numel=limits.max_numel), limits, batch=batch)
+        position = get_int(meta, _Key.POSITION, low=0, high=max_length)
+        step = None if meta.get(_Key.STEP) is None else get_int(meta, _Key.STEP, low=0, high=2**62)
+        return cls(hidden, position, step, _decode_push(meta.get(_Key.PUSH, [])))
+
+
+def _decode_push(chain: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(chain, list) or len(chain) > MAX_PUSH_HOPS:
+        raise ProtocolError(f"metadata field 'push' must be a list of at most {MAX_PUSH_HOPS} [peer, token] pairs")
+    hops = []
+    for hop in chain:
+        if not (isinstance(hop, list) and len(hop) == 2 and isinstance(hop[0], str) and 0 < len(hop[0]) <= 128):
+            raise ProtocolError("each 'push' hop must be [peer ID, push token]")
+        if not _is_push_token(hop[1]):
+            raise ProtocolError(f"each 'push' hop's push token must be {PUSH_TOKEN_LENGTH} lowercase hex characters")
+        hops.append((hop[0], hop[1]))
+    return tuple(hops)
+
+
+def _is_push_token(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == PUSH_TOKEN_LENGTH and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """A step's output, with the number of tokens the peer's cache holds after it (the client checks it against
+    its own session) and the peer's compute time (lets the client tell network latency from compute)."""
+
+    hidden: torch.Tensor | runtime_pb2.Tensor
+    position: int
+    compute_s: float
+    step: int | None = None
+
+    def encode(self) -> runtime_pb2.ExpertResponse:
+        meta = {_Key.POSITION: self.position, _Key.COMPUTE_S: self.compute_s, _Key.STEP: self.step}
+        return _response([self.hidden], meta)
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertResponse, sent: Step) -> StepReply:
+        """Checked against the step it answers: same shape and dtype, the step's number, the session's length."""
+        meta = decode_metadata(proto.metadata)
+        _count(proto, 1, "output hidden states")
+        step = None if meta.get(_Key.STEP) is None else get_int(meta, _Key.STEP, low=0, high=2**62)
+        if step != sent.step:
+            raise ProtocolError(f"expected the answer to step {sent.step}, got one to step {step!r}")
+        expected = sent.position + sent.hidden.shape[1]
+        position = meta.get(_Key.POSITION)
+        if position != expected:
+            raise ProtocolError(f"the peer's cache holds {position!r} tokens after this step, the client's {expected}")
+        compute_s = get_float(meta, _Key.COMPUTE_S, low=0.0, high=MAX_COMPUTE_SECONDS, default=0.0)
+        return cls(_reply_tensor(proto, 0, sent.hidden, "the step's output"), expected, compute_s, step)
+
+
+# ---- whole-sequence forward, backward and training ----
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Blocks [start, end) on whole sequences, with adapters (forward handler, and the train handler's first frame)."""
+
+    start: int
+    end: int
+    hidden: torch.Tensor
+    adapters: Adapters = field(default_factory=Adapters)
+
+    def encode(self) -> runtime_pb2.ExpertRequest:
+        meta = _adapters_meta(self.adapters)
+        return _request(span_uid(self.start, self.end), [self.hidden, *self.adapters.values], meta)
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertRequest, limits: Limits, linear_shape: LinearShape) -> Forward:
+        start, end = parse_span_uid(proto.uid, limits)
+        meta = decode_metadata(proto.metadata)
+        if not proto.tensors:
+            raise ProtocolError("expected the hidden states as the first tensor")
+        hidden = check_hidden(decode_tensor(proto.tensors[0], max_numel=limits.max_numel), limits)
+        check_forward_size(hidden, limits)
+        return cls(start, end, hidden, _decode_adapters(proto, meta, 1, hidden, start, end, limits, linear_shape))
+
+
+@dataclass(frozen=True)
+class ForwardReply:
+    """A forward's output; on the train handler, `held` says whether the peer keeps the graph for a GradOutput."""
+
+    hidden: torch.Tensor
+    held: bool = False
+
+    def encode(self) -> runtime_pb2.ExpertResponse:
+        return _response([self.hidden], {_Key.HELD: self.held})
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertResponse, sent: Forward) -> ForwardReply:
+        meta = decode_metadata(proto.metadata)
+        _count(proto, 1, "output hidden states")
+        return cls(_reply_tensor(proto, 0, sent.hidden, "the output"), get_bool(meta, _Key.HELD, default=False))
+
+
+@dataclass(frozen=True)
+class Backward:
+    """Gradients of blocks [start, end) given their input and the gradient w.r.t. their output (stateless)."""
+
+    start: int
+    end: int
+    hidden: torch.Tensor
+    grad_output: torch.Tensor
+    adapters: Adapters = field(default_factory=Adapters)
+
+    def encode(self) -> runtime_pb2.ExpertRequest:
+        tensors = [self.hidden, self.grad_output, *self.adapters.values]
+        return _request(span_uid(self.start, self.end), tensors, _adapters_meta(self.adapters))
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertRequest, limits: Limits, linear_shape: LinearShape) -> Backward:
+        start, end = parse_span_uid(proto.uid, limits)
+        meta = decode_metadata(proto.metadata)
+        if len(proto.tensors) < 2:
+            raise ProtocolError("expected the hidden states and the output gradient as the first two tensors")
+        hidden = check_hidden(decode_tensor(proto.tensors[0], max_numel=limits.max_numel), limits)
+        grad = decode_tensor(proto.tensors[1], max_numel=limits.max_numel)
+        check_backward_size(hidden, grad, limits)
+        adapters = _decode_adapters(proto, meta, 2, hidden, start, end, limits, linear_shape)
+        return cls(start, end, hidden, grad, adapters)
+
+
+@dataclass(frozen=True)
+class GradOutput:
+    """The train handler's second frame: the gradient w.r.t. the held forward's output."""
+
+    grad_output: torch.Tensor
+
+    def encode(self) -> runtime_pb2.ExpertRequest:
+        return _request("", [self.grad_output], {})
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertRequest, forward: Forward, limits: Limits) -> GradOutput:
+        _count(proto, 1, "the output gradient")
+        grad = decode_tensor(proto.tensors[0], max_numel=limits.max_numel)
+        check_backward_size(forward.hidden, grad, limits)
+        return cls(grad)
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """Gradients w.r.t. a backward's input hidden states and each of its adapter tensors (same names)."""
+
+    grad_input: torch.Tensor
+    adapters: Adapters = field(default_factory=Adapters)
+
+    def encode(self) -> runtime_pb2.ExpertResponse:
+        return _response([self.grad_input, *self.adapters.values], {})
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertResponse, hidden: torch.Tensor, adapters: Adapters) -> Gradients:
+        """Checked against the request's input and adapters: one gradient each, shaped like it."""
+        _count(proto, 1 + len(adapters.names), "gradients of the input and of each adapter tensor")
+        grad_input = _reply_tensor(proto, 0, hidden, "the input's gradient")
+        grads = {
+            name: _reply_tensor(proto, 1 + i, like, f"the gradient of {name}")
+            for i, (name, like) in enumerate(adapters.tensors.items())
+        }
+        return cls(grad_input, adapters.replace(grads))
+
+
+# ---- info ----
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a peer says about itself on the info call: its span and settings (fixed while it serves them) and its
+    current load and counters."""
+
+    model: str
+    dht_prefix: str
+    start: int
+    end: int
+    dtype: str
+    quant: str
+    max_length: int
+    max_batch: int
+    version: str
+    public_name: str | None
+    weights: dict[str, Any]
+    protocol_version: int = PROTOCOL_VERSION
+    cache_tokens_left: int = 0
+    sessions: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+    block_tokens: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=encode_metadata(asdict(self)))
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertInfo) -> PeerInfo:
+        meta = decode_metadata(proto.serialized_info)
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = set(meta) - names
+        if unknown:
+            raise ProtocolError(f"peer info has unknown fields {sorted(unknown)[:5]}")
+        try:
+            info = cls(**meta)
+        except TypeError as e:
+            raise ProtocolError(f"peer info is incomplete: {e}") from None
+        for name, kind in (("start", int), ("end", int), ("max_length", int), ("max_batch", int), ("sessions", int)):
+            if not isinstance(getattr(info, name), kind):
+                raise ProtocolError(f"peer info field {name!r} must be {kind.__name__}")
+        for name in ("weights", "stats", "block_tokens"):
+            if not isinstance(getattr(info, name), dict):
+                raise ProtocolError(f"peer info field {name!r} must be a map")
+        return info
