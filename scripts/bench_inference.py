@@ -1,9 +1,15 @@
-"""Benchmark: greedy generation through a 2-peer swarm on loopback vs local transformers, same weights, same run.
+"""Benchmark: greedy generation through a swarm of peers on loopback vs local transformers, same weights, same run.
 
-For each model it makes a random-weight Llama checkpoint, starts 2 peers (an even split of the blocks) on
-127.0.0.1, and alternates timed runs of 64 greedy tokens through the swarm with peer-to-peer push (the default),
-through the swarm with client-relayed steps, and through local ``transformers.generate``. It prints one JSON line
-per model: swarm_tok_s (default settings), relay_tok_s, local_tok_s (medians over repeats), ratio, ttft_s.
+For each model and peer count it makes a random-weight Llama checkpoint, starts the peers (an even split of the
+blocks) on 127.0.0.1, and alternates timed runs of greedy tokens through the swarm with peer-to-peer push (the
+default), through the swarm with client-relayed steps, and through local ``transformers.generate``. It prints one
+JSON line per (model, peers): tokens/s of each (medians over repeats), their ratio, the per-token overhead in ms,
+the round trip of one info call to a peer (the floor one hop costs here), and the CPU time per generated token of
+every process involved (from psutil, i.e. /proc): the client (all its threads), the client's helper processes
+(hivemind's DHT process and libp2p daemon), each peer, and the peers' helper processes, measured over the swarm
+runs with push.
+
+    python scripts/bench_inference.py [--models bench-small bench-110m] [--peers 2 4] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
@@ -26,6 +33,7 @@ from local_swarm import LocalSwarm  # noqa: E402
 from model_tools import PRESETS, make_random_checkpoint  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.transport import call_info  # noqa: E402
 
 
 class TokenTimes(BaseStreamer):
@@ -50,74 +58,136 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[flo
             input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=streamer
         )
     end = time.perf_counter()
-    ttft = streamer.times[1] - start
-    return new_tokens / (end - start), ttft, out
+    return new_tokens / (end - start), streamer.times[1] - start, out
 
 
-def bench_model(
-    name: str, workdir: Path, repeats: int, new_tokens: int, prompt_len: int, threads: int, peers: int
-) -> dict:
-    path = make_random_checkpoint(workdir / name, "llama", **PRESETS[name])
-    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+class CpuMeter:
+    """CPU seconds of named groups of processes (a process and its descendants)."""
+
+    def __init__(self, groups: dict[str, list[psutil.Process]]):
+        self.groups = groups
+        self.totals = dict.fromkeys(groups, 0.0)
+        self._start: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        return {name: sum(cpu_seconds(p) for p in procs) for name, procs in self.groups.items()}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, value in self._read().items():
+            self.totals[name] += value - self._start[name]
+
+
+def rtt_floor_ms(model, samples: int = 30) -> float:
+    """Median round trip of an info call (no compute) from the client to its first peer: what one hop through
+    hivemind's daemons costs on this machine right now."""
+    sequence = model.model.sequence
+    peer_id = sequence.make_route()[0].peer_id
+    times = []
+    for _ in range(samples):
+        began = time.perf_counter()
+        sequence.loop.run(call_info(sequence.p2p, peer_id, 10.0))
+        times.append(time.perf_counter() - began)
+    return 1000 * statistics.median(times)
+
+
+def process_groups(swarm: LocalSwarm) -> dict[str, list[psutil.Process]]:
+    me = psutil.Process()
+    groups: dict[str, list[psutil.Process]] = {"client": [me]}
+    peer_tree: set[int] = set()
+    for i, peer in enumerate(swarm.peers):
+        proc = psutil.Process(peer.process.pid)
+        groups[f"peer{i}"] = [proc]
+        groups[f"peer{i}_helpers"] = proc.children(recursive=True)
+        peer_tree |= {p.pid for p in [proc, *groups[f"peer{i}_helpers"]]}
+    # the peers are this process's children too: the client's own helpers are the rest
+    groups["client_helpers"] = [p for p in me.children(recursive=True) if p.pid not in peer_tree]
+    return groups
+
+
+def bench_model(name: str, workdir: Path, args: argparse.Namespace, peers: int) -> dict:
+    path = workdir / name
+    if not path.exists():
+        make_random_checkpoint(path, "llama", **PRESETS[name])
     local = AutoModelForCausalLM.from_pretrained(path).eval()
+    n_params = sum(p.numel() for p in local.parameters())
     torch.manual_seed(0)
-    prompt = torch.randint(0, local.config.vocab_size, (1, prompt_len))
-    with LocalSwarm(path, peers=peers, threads_per_peer=threads, extra_args=["--log-level", "WARNING"]) as swarm:
+    prompt = torch.randint(0, local.config.vocab_size, (1, args.prompt_len))
+    extra = ["--log-level", "WARNING"]
+    with LocalSwarm(path, peers=peers, threads_per_peer=args.threads_per_peer, extra_args=extra) as swarm:
         remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
         relayed = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, push=False)
         try:
             for model in (remote, relayed, local):
                 timed_generate(model, prompt, 4)  # warm-up: connections, allocator, kernels
-            swarm_speed, relay_speed, local_speed, ttfts = [], [], [], []
+            meter = CpuMeter(process_groups(swarm))
+            swarm_speed, relay_speed, local_speed, ttfts, local_cpu = [], [], [], [], []
             identical = True
-            for _ in range(repeats):
-                s, ttft, out_s = timed_generate(remote, prompt, new_tokens)
-                r, _, out_r = timed_generate(relayed, prompt, new_tokens)
-                lo, _, out_l = timed_generate(local, prompt, new_tokens)
-                swarm_speed.append(s)
-                relay_speed.append(r)
-                local_speed.append(lo)
-                ttfts.append(ttft)
+            for _ in range(args.repeats):
+                with meter:
+                    s, ttft, out_s = timed_generate(remote, prompt, args.new_tokens)
+                r, _, out_r = timed_generate(relayed, prompt, args.new_tokens)
+                began = time.process_time()
+                lo, _, out_l = timed_generate(local, prompt, args.new_tokens)
+                local_cpu.append(time.process_time() - began)
+                swarm_speed += [s]
+                relay_speed += [r]
+                local_speed += [lo]
+                ttfts += [ttft]
                 identical &= torch.equal(out_s, out_l) and torch.equal(out_r, out_l)
+            rtt_ms = rtt_floor_ms(remote)
         finally:
             remote.shutdown()
             relayed.shutdown()
+    tokens = args.repeats * args.new_tokens
     swarm_tok_s, local_tok_s = statistics.median(swarm_speed), statistics.median(local_speed)
     relay_tok_s = statistics.median(relay_speed)
     return {
         "model": name,
         "params_m": round(n_params / 1e6, 1),
         "peers": peers,
-        "new_tokens": new_tokens,
-        "repeats": repeats,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "swarm_tok_s": round(swarm_tok_s, 2),
         "relay_tok_s": round(relay_tok_s, 2),
         "local_tok_s": round(local_tok_s, 2),
         "ratio": round(swarm_tok_s / local_tok_s, 3),
         "relay_ratio": round(relay_tok_s / local_tok_s, 3),
-        "push_vs_relay": round(swarm_tok_s / relay_tok_s, 3),
-        "ttft_s": round(statistics.median(ttfts), 4),
         "overhead_ms_per_token": round(1000 / swarm_tok_s - 1000 / local_tok_s, 2),
+        "ttft_s": round(statistics.median(ttfts), 4),
+        "hivemind_rtt_ms": round(rtt_ms, 2),
+        "cpu_ms_per_token": {k: round(1000 * v / tokens, 2) for k, v in meter.totals.items()},
+        "local_cpu_ms_per_token": round(1000 * sum(local_cpu) / tokens, 2),
         "identical_tokens": identical,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["bench-110m", "bench-small"], choices=sorted(PRESETS))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["bench-small", "bench-110m"], choices=sorted(PRESETS))
+    parser.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="peer counts (blocks split evenly)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16)
     # Batch-1 decoding is memory-bound: one thread per peer is as fast as two and leaves the cores to the others.
     parser.add_argument("--threads-per-peer", type=int, default=1)
-    parser.add_argument("--peers", type=int, default=2, help="the blocks are split evenly over this many peers")
+    # One thread for the local model and the client too: on 2 cores it is faster than two, and it is what each peer
+    # computes with, so the ratio compares the same compute.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (client, local model)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="blockswarm-bench-") as tmp:
         for name in args.models:
-            result = bench_model(
-                name, Path(tmp), args.repeats, args.new_tokens, args.prompt_len, args.threads_per_peer, args.peers
-            )
-            print(json.dumps(result), flush=True)
+            for peers in args.peers:
+                print(json.dumps(bench_model(name, Path(tmp), args, peers)), flush=True)
 
 
 if __name__ == "__main__":

@@ -291,14 +291,15 @@ class DistributedCausalLMMixin:
         cache = RemoteCache(session, self.config.num_hidden_layers)
         processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), StepCheck(cache)])
         try:
-            output = super().generate(
-                inputs,
-                *args,
-                cache=cache,
-                attention_mask=torch.ones_like(inputs),
-                logits_processor=processors,
-                **kwargs,
-            )
+            with self.model.sequence.loop.borrowed():  # no thread hop per token
+                output = super().generate(
+                    inputs,
+                    *args,
+                    cache=cache,
+                    attention_mask=torch.ones_like(inputs),
+                    logits_processor=processors,
+                    **kwargs,
+                )
         except BaseException:
             # The peers' caches may now hold tokens that token_ids lacks: continuing would be silently wrong.
             session.close()

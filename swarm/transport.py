@@ -8,13 +8,15 @@ generation step across every span of the route is one coroutine there, so each t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import torch
+import uvloop
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -53,15 +55,48 @@ class PeerError(RuntimeError):
 
 
 class LoopThread:
-    """An asyncio event loop running in a daemon thread."""
+    """An asyncio event loop for the client's network I/O, running in a daemon thread.
+
+    A thread that makes many short calls in a row (generate: one step per token) can borrow the loop: while it is
+    borrowed, each of that thread's calls runs the loop itself, in that thread, for the length of the call, which
+    saves the thread hop (a wake-up of the loop thread through its self-pipe, then one of the caller) on every
+    token. Calls from other threads meanwhile are queued and run during the borrower's next call.
+    """
 
     def __init__(self, name: str = "blockswarm-client"):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
+        self.name = name
+        self.loop = uvloop.new_event_loop()  # libuv: a fraction of asyncio's own cost per message and task switch
+        self._borrower: int | None = None
+        self._borrow_lock = threading.Lock()
+        self._thread = self._start_thread()
+
+    def _start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.loop.run_forever, name=self.name, daemon=True)
+        thread.start()
+        return thread
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._borrower == threading.get_ident():
+            return self.loop.run_until_complete(coro if timeout is None else asyncio.wait_for(coro, timeout))
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @contextlib.contextmanager
+    def borrowed(self) -> Iterator[None]:
+        """Run this thread's calls on the loop directly while the block is open (if no other thread borrows it)."""
+        if self._borrower == threading.get_ident() or not self._borrow_lock.acquire(blocking=False):
+            yield  # nested, or another thread has it: calls take the thread hop
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self._borrower = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._borrower = None
+                self._thread = self._start_thread()
+        finally:
+            self._borrow_lock.release()
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -69,7 +104,11 @@ class LoopThread:
 
 
 class InferenceStream:
-    """An open inference session with one peer for blocks [start, end) (async; used from the loop thread)."""
+    """An open inference session with one peer for blocks [start, end) (async; used on the client's loop).
+
+    One long-lived task reads the peer's replies as they come and queues them; a step waits for the next one. So
+    a step costs no task of its own, and a reply that comes while nobody waits (a late push) is simply next.
+    """
 
     def __init__(self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_bytes: int, timeout: float):
         self.p2p, self.peer_id, self.start, self.end = p2p, peer_id, start, end
@@ -78,7 +117,10 @@ class InferenceStream:
         self.push_token: str | None = None  # lets the previous peer of a route push steps into this session
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._pending: asyncio.Task | None = None  # a reply being read (kept across a grace wait, never cancelled)
+        self._replies: collections.deque[runtime_pb2.ExpertResponse] = collections.deque()
+        self._read_error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self._reading: asyncio.Task | None = None
 
     @property
     def uid(self) -> str:
@@ -92,7 +134,8 @@ class InferenceStream:
             )
             opening = OpenSession(self.start, self.end, max_length, batch, adapters)
             await send_message(opening.encode(), self._writer)
-            self.push_token = SessionOpened.decode(await self._receive(connect_timeout)).push_token
+            self._reading = asyncio.create_task(self._read_replies())
+            self.push_token = SessionOpened.decode(await self._next_reply(connect_timeout)).push_token
         except Exception as e:
             await self.close()
             raise as_peer_error(self.peer_id, e) from e
@@ -104,7 +147,7 @@ class InferenceStream:
             began = time.perf_counter()
             sent = Step(hidden, position)
             await send_message(sent.encode(), self._writer)
-            reply = StepReply.decode(await self._receive(self.timeout), sent)
+            reply = StepReply.decode(await self._next_reply(self.timeout), sent)
             elapsed = time.perf_counter() - began
             # A compute time longer than the round trip is a bad report: it only makes our estimate pessimistic.
             self.last_rtt = elapsed - (reply.compute_s if reply.compute_s <= elapsed else 0.0)
@@ -122,20 +165,51 @@ class InferenceStream:
 
     async def receive(self, expected: Step, grace: float | None = None) -> torch.Tensor | None:
         """The output of step `expected` (sent by us or pushed by the previous peer). With `grace`, returns None if
-        it has not come within `grace` seconds; the reply keeps being read in the background and a later call
-        gets it."""
+        it has not come within `grace` seconds (it stays next in line for a later call)."""
         self._check_open()
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._receive(self.timeout))
-        if grace is not None:
-            done, _ = await asyncio.wait({self._pending}, timeout=grace)
-            if not done:
-                return None
-        task, self._pending = self._pending, None
         try:
-            return StepReply.decode(await task, expected).hidden
+            if grace is not None and not self._replies:
+                try:
+                    await self._wait(grace)
+                except TimeoutError:
+                    return None
+            return StepReply.decode(await self._next_reply(self.timeout), expected).hidden
         except BaseException as e:
             raise await self._failed(e) from e
+
+    async def _read_replies(self) -> None:
+        """The stream's one reader: every reply into the queue, then the end of the stream or the error."""
+        try:
+            while True:
+                response = await receive_message(self._reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes)
+                if response is None:
+                    raise ConnectionError("the peer closed the session")
+                self._replies.append(response)
+                self._wake()
+        except BaseException as e:
+            self._read_error = e
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, timeout: float) -> None:
+        """Until a reply (or the reader's error) is there; TimeoutError after `timeout` seconds."""
+        if self._replies or self._read_error is not None:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _next_reply(self, timeout: float) -> runtime_pb2.ExpertResponse:
+        await self._wait(timeout)
+        if self._replies:
+            return self._replies.popleft()
+        raise self._read_error
 
     def _check_open(self) -> None:
         if self._writer is None:
@@ -147,17 +221,10 @@ class InferenceStream:
         await self.close()
         return as_peer_error(self.peer_id, e) if isinstance(e, Exception) else e
 
-    async def _receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
-        async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per step
-            response = await receive_message(self._reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes)
-        if response is None:
-            raise ConnectionError("the peer closed the session")
-        return response
-
     async def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

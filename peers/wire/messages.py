@@ -28,6 +28,7 @@ from hivemind.proto import runtime_pb2
 from blocks.adapters import Adapters
 from peers.wire.codec import (
     WIRE_DTYPES,
+    all_finite,
     decode_metadata,
     decode_tensor,
     encode_metadata,
@@ -125,7 +126,7 @@ def _check_reply_tensor(out: torch.Tensor, like: torch.Tensor, what: str) -> tor
     """A peer's answer is network input too: shaped like what we sent, finite."""
     if out.shape != like.shape or out.dtype != like.dtype:
         raise ProtocolError(f"{what} has shape {list(out.shape)} {out.dtype}, expected {list(like.shape)} {like.dtype}")
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise ProtocolError(f"{what} contains NaN or infinite values")
     return out
 

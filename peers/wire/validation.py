@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from blocks.adapters import DEEP_PROMPTS, parse_lora_name
+from peers.wire.codec import all_finite
 from peers.wire.framing import ProtocolError
 
 MAX_LORA_SCALE = 1e4
@@ -66,7 +67,7 @@ def check_hidden(hidden: torch.Tensor, limits: Limits, *, batch: int | None = No
         raise ProtocolError(f"batch size {b} exceeds this peer's limit of {limits.max_batch}")
     if batch is not None and b != batch:
         raise ProtocolError(f"this session was opened with batch size {batch}, got {b}")
-    if not torch.isfinite(hidden).all():
+    if not all_finite(hidden):
         raise ProtocolError("hidden states contain NaN or infinite values")
     return hidden
 
@@ -95,7 +96,7 @@ def check_backward_size(hidden: torch.Tensor, grad: torch.Tensor, limits: Limits
             f"backward of {hidden.shape[0]}x{hidden.shape[1]} tokens exceeds this peer's limit of "
             f"{limits.max_backward_tokens} tokens"
         )
-    if not torch.isfinite(grad).all():
+    if not all_finite(grad):
         raise ProtocolError("output gradient contains NaN or infinite values")
 
 
@@ -144,7 +145,7 @@ def check_adapters(
             if not start <= block < end:
                 raise ProtocolError(f"{name}: block {block} is not in the requested blocks [{start}, {end})")
             lora_parts.setdefault((block, module), {})[part] = tensor
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ProtocolError(f"{name}: contains NaN or infinite values")
         result[name] = tensor
     for (block, module), parts in lora_parts.items():
