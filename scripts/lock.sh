@@ -23,7 +23,7 @@ pip_install ".[dev]"
     echo "# $(date -u +%Y-%m-%d) with $("$work/venv/bin/python" --version); refresh with: bash scripts/lock.sh"
     echo "# torch is not listed: scripts/setup.sh installs it first from TORCH_SPEC (default $TORCH_SPEC)."
     "$work/venv/bin/python" -m pip --disable-pip-version-check freeze --all \
-        | grep -v -i -E '^(blockswarm|torch|pip|setuptools|wheel)==' | LC_ALL=C sort -f
+        | grep -v -i -E '^(blockswarm|torch|pip|setuptools|wheel)( |==|@)' | grep -v ' @ file:' | LC_ALL=C sort -f
 } > requirements.lock.new
 mv requirements.lock.new requirements.lock
 echo "[lock] wrote requirements.lock ($(grep -c '==' requirements.lock) packages):"
