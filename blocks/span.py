@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from blocks.attention import ATTENTION
 from blocks.checkpoint import Checkpoint, read_block_state
 from blocks.families import family_of, layer_types
 from blocks.quantization import quantize_linear_layers
@@ -129,9 +130,10 @@ def check_cache_lengths(cache: DynamicCache, first: int, last: int, expected: in
 
 
 def serving_config(config: PretrainedConfig) -> PretrainedConfig:
-    """A copy of the model config that runs attention through PyTorch SDPA (causal masks are built to match)."""
+    """A copy of the model config that runs attention through transformers' SDPA attention, per session when
+    several sessions run as one batch (blocks.attention; causal masks are built as for SDPA)."""
     config = copy.copy(config)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION
     return config
 
 

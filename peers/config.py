@@ -68,8 +68,25 @@ class PeerConfig(DhtNodeConfig):
     announce_period: float = option("seconds between DHT record refreshes", default=30.0)
     record_ttl: float = option("seconds a DHT record stays valid without refresh", default=90.0)
     inline_compute_tokens: int = option(
-        "steps of at most this many tokens (batch x length) run on the network thread, larger ones on a compute thread",
+        "a lone step of at most this many tokens (batch x length) runs on the network thread, others on a compute "
+        "thread",
         default=16,
+    )
+    max_batch_tokens: int = option(
+        "tokens (batch x length) of the sessions' steps that one batched forward may hold", default=512
+    )
+    max_batch_sessions: int = option("sessions whose steps one batched forward may hold (1: no batching)", default=32)
+    batch_wait: float = option(
+        "seconds a batch may wait for other open sessions' steps (at most a quarter of the last batch's compute "
+        "time; never when only one session is open; 0: never)",
+        default=0.05,
+    )
+    client_share: float = option(
+        "most of a batch's tokens that one client's sessions may take while other clients' steps wait", default=0.5
+    )
+    prefill_chunk_tokens: int = option(
+        "a longer step (a prompt) is computed in chunks of this many tokens, other sessions' steps in between",
+        default=256,
     )
     num_threads: int = option("torch compute threads (0: all cores)", default=0)
     rebalance_period: float = option(
@@ -109,6 +126,9 @@ class PeerConfig(DhtNodeConfig):
             "max_backward_tokens",
             "max_lora_rank",
             "max_prompt_length",
+            "max_batch_tokens",
+            "max_batch_sessions",
+            "prefill_chunk_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -116,6 +136,10 @@ class PeerConfig(DhtNodeConfig):
             raise ConfigError("--inline-compute-tokens and --num-threads must be >= 0")
         if self.max_held_tokens < 0:
             raise ConfigError("--max-held-tokens must be >= 0")
+        if self.batch_wait < 0 or not 0 < self.client_share <= 1:
+            raise ConfigError("--batch-wait must be >= 0 and --client-share in (0, 1]")
+        if self.prefill_chunk_tokens > self.max_batch_tokens:
+            raise ConfigError("--prefill-chunk-tokens must not exceed --max-batch-tokens: a chunk must fit a batch")
         for name in ("session_idle_timeout", "announce_period", "record_ttl", "train_hold_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")

@@ -22,9 +22,10 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
 from blocks.adapters import Adapters, check_prompt_positions, linear_module, run_span
+from blocks.batching import Segment, run_segments
 from blocks.span import BlockSpan
-from peers.compute import ComputeScheduler
 from peers.push import PushRouter, short_id
+from peers.scheduler import BatchSettings, ComputeScheduler
 from peers.sessions import CacheBudget, PeerSession
 from peers.training import HeldGraphs, forward_graph, gradients, recompute_gradients
 from peers.wire import (
@@ -67,12 +68,14 @@ class BlockService:
         budget: CacheBudget,
         idle_timeout: float,
         info: dict[str, Any],
-        inline_compute_tokens: int = 0,
+        batching: BatchSettings | None = None,
     ):
         self.span: BlockSpan | None = span
         self.limits, self.budget, self.idle_timeout = limits, budget, idle_timeout
         self.static_info = info
-        self.scheduler = ComputeScheduler(inline_compute_tokens)
+        self.batching = batching or BatchSettings()
+        self.scheduler = ComputeScheduler(self.batching, self._run_step_batch)
+        self.scheduler.open_sessions = lambda: self.budget.sessions
         self.push = PushRouter(lambda: self.limits.max_message_bytes)
         self.held = HeldGraphs(limits.max_held_tokens)
         self.stats = {"inference_steps": 0, "forward_calls": 0, "backward_calls": 0, "held_backward_calls": 0}
@@ -129,6 +132,27 @@ class BlockService:
     async def _compute(self, fn: functools.partial, tokens: int, generation: int) -> Any:
         return await self.scheduler.run(fn, tokens, check=lambda: self._check_serving(generation))
 
+    def _step_input(self, session: PeerSession, hidden: torch.Tensor) -> tuple[PeerSession, torch.Tensor]:
+        device = next(self.span.parameters()).device
+        return session, hidden.to(device, self.span.dtype)
+
+    def _forward_input(self, forward: Forward) -> tuple[Forward, torch.Tensor]:
+        device = next(self.span.parameters()).device
+        return forward, forward.hidden.to(device, self.span.dtype)
+
+    def _run_step_batch(self, inputs: list[tuple[PeerSession | Forward, torch.Tensor]]) -> list[torch.Tensor]:
+        """One computation for a batch of one group (peers.scheduler): steps of several sessions, each in its own
+        cache (blocks.batching), or whole-sequence forwards of one length, stacked along the batch."""
+        first = inputs[0][0]
+        if isinstance(first, Forward):
+            out = run_span(self.span, torch.cat([x for _, x in inputs]), first.start, first.end)
+            return list(out.split([x.shape[0] for _, x in inputs]))
+        segments = [Segment(s.cache, x.shape[0], x.shape[1], s.position) for s, x in inputs]
+        outputs = run_segments(self.span, [x for _, x in inputs], segments, first.start, first.end)
+        for session, x in inputs:
+            session.position += x.shape[1]
+        return outputs
+
     def _run_blocks(
         self, hidden: torch.Tensor, start: int, end: int, adapters: Adapters, session: PeerSession | None = None
     ) -> torch.Tensor:
@@ -156,13 +180,17 @@ class BlockService:
     # ---- handlers ----
 
     async def _handle_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
-        stats = dict(self.stats, compute_seconds=self.scheduler.compute_seconds, pushes=self.push.pushes)
+        scheduler = self.scheduler
+        stats = dict(self.stats, compute_seconds=scheduler.compute_seconds, pushes=self.push.pushes)
+        stats |= {"batches": scheduler.batches, "batched_steps": scheduler.batched_steps}
         info = PeerInfo(
             **self.static_info,
             cache_tokens_left=self.budget.tokens_left,
             sessions=self.budget.sessions,
             stats=stats,
             block_tokens={str(b): n for b, n in sorted(self.block_tokens.items())},
+            batch_sessions=scheduler.last_batch_sessions,
+            queue_length=scheduler.queue_length,
         )
         return info.encode()
 
@@ -171,13 +199,21 @@ class BlockService:
         async with self._answering_errors("forward", info, reader, writer):
             request, generation = await self._first_request(reader)
             forward = Forward.decode(request, self.limits, self._linear_shape)
-            output = await self._forward(forward, generation)
+            output = await self._forward(forward, generation, info.peer_id.to_base58())
             await send_message(ForwardReply(output).encode(), writer)
 
-    async def _forward(self, forward: Forward, generation: int) -> torch.Tensor:
+    async def _forward(self, forward: Forward, generation: int, client: str) -> torch.Tensor:
+        """A whole-sequence forward: batched with other clients' forwards of the same blocks and length when it has
+        no adapters and fits a batch, else alone."""
         tokens = forward.hidden.shape[0] * forward.hidden.shape[1]
-        fn = functools.partial(self._run_blocks, forward.hidden, forward.start, forward.end, forward.adapters)
-        output = await self._compute(fn, tokens, generation)
+        if forward.adapters or tokens > self.batching.max_batch_tokens:
+            fn = functools.partial(self._run_blocks, forward.hidden, forward.start, forward.end, forward.adapters)
+            output = await self._compute(fn, tokens, generation)
+        else:
+            group = ("forward", forward.start, forward.end, forward.hidden.shape[1])
+            prepare = functools.partial(self._forward_input, forward)
+            check = functools.partial(self._check_serving, generation)
+            output = (await self.scheduler.step(prepare, tokens, group, client, check)).to("cpu", forward.hidden.dtype)
         self._count("forward_calls", forward.start, forward.end, tokens)
         return output
 
@@ -207,7 +243,7 @@ class BlockService:
                 forward = Forward.decode(request, self.limits, self._linear_shape)
                 tokens = forward.hidden.shape[0] * forward.hidden.shape[1]
                 if tokens > self.limits.max_backward_tokens or not self.held.try_hold(tokens):
-                    output = await self._forward(forward, generation)
+                    output = await self._forward(forward, generation, info.peer_id.to_base58())
                     await send_message(ForwardReply(output, held=False).encode(), writer)
                     return
                 held_tokens = tokens
@@ -256,22 +292,35 @@ class BlockService:
                 logger.debug(f"session {session.session_id} from {short_id(info.peer_id)}: {opening}")
                 token, inbox = self.push.open_inbox()
                 reading = asyncio.create_task(self._read_client(reader, inbox))
+                serving: asyncio.Task | None = None
                 try:
                     await send_message(SessionOpened(session.session_id, token).encode(), writer)
-                    await self._serve_steps(session, inbox, writer, generation)
+                    client = info.peer_id.to_base58()
+                    serving = asyncio.create_task(self._serve_steps(session, inbox, writer, generation, client))
+                    await asyncio.wait({reading, serving}, return_when=asyncio.FIRST_COMPLETED)
+                    if not serving.done() and reading.result() is True:
+                        # The client closed its stream: nobody reads what is still being computed for it. Its
+                        # queued work is dropped now, not computed for nothing.
+                        serving.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await serving
                 finally:
-                    reading.cancel()
-                    with contextlib.suppress(BaseException):
-                        await reading
+                    for task in (reading, serving):
+                        if task is not None:
+                            task.cancel()
+                            with contextlib.suppress(BaseException):
+                                await task
         finally:
             if token is not None:
                 self.push.close_inbox(token)
             if session is not None:
+                self.scheduler.forget(session.session_id)
                 self.budget.release(session.reserved_tokens)
                 session.cache = None  # free the KV cache now, not when the handler's frame is collected
 
-    async def _read_client(self, reader: asyncio.StreamReader, inbox: asyncio.Queue) -> None:
-        """Move the client's requests into the session's inbox; None at the end of the stream, or the error."""
+    async def _read_client(self, reader: asyncio.StreamReader, inbox: asyncio.Queue) -> bool:
+        """Move the client's requests into the session's inbox, then None at the end of the stream (returns True)
+        or the error (returns False: the session answers it)."""
         while True:
             try:
                 request = await receive_message(
@@ -279,13 +328,32 @@ class BlockService:
                 )
             except Exception as e:
                 await inbox.put(e)
-                return
+                return False
             await inbox.put(request)
             if request is None:
-                return
+                return True
+
+    async def _step(self, session: PeerSession, hidden: torch.Tensor, generation: int, client: str) -> torch.Tensor:
+        """A session's step: alone when it carries adapters (their hooks act on whole batches); otherwise through
+        the batching scheduler, a long prompt in chunks of prefill_chunk_tokens so that other sessions' steps run
+        in between."""
+        check = functools.partial(self._check_serving, generation)
+        rows, length = hidden.shape[0], hidden.shape[1]
+        if session.adapters:
+            fn = functools.partial(self._run_blocks, hidden, session.start, session.end, None, session)
+            return await self.scheduler.run(fn, rows * length, check, client)
+        chunk = max(1, self.batching.prefill_chunk_tokens // rows)
+        outputs = []
+        for offset in range(0, length, chunk):
+            piece = hidden[:, offset : offset + chunk]
+            prepare = functools.partial(self._step_input, session, piece)
+            group = (session.start, session.end)
+            out = await self.scheduler.step(prepare, rows * piece.shape[1], group, client, check, session.session_id)
+            outputs.append(out.to("cpu", hidden.dtype))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _serve_steps(
-        self, session: PeerSession, inbox: asyncio.Queue, writer: asyncio.StreamWriter, generation: int
+        self, session: PeerSession, inbox: asyncio.Queue, writer: asyncio.StreamWriter, generation: int, client: str
     ) -> None:
         last_step = -1
         while True:
@@ -308,8 +376,7 @@ class BlockService:
                     raise ProtocolError(str(e)) from None
             session.prepare_step(step.position, tokens)
             began = time.perf_counter()
-            fn = functools.partial(self._run_blocks, step.hidden, session.start, session.end, None, session)
-            output = await self._compute(fn, step.hidden.shape[0] * tokens, generation)
+            output = await self._step(session, step.hidden, generation, client)
             compute_s = time.perf_counter() - began
             self.stats["inference_steps"] += 1
             self._count(None, session.start, session.end, step.hidden.shape[0] * tokens)

@@ -34,6 +34,7 @@ from peers.config import PeerConfig, check_span_fits
 from peers.handlers import BlockService
 from peers.placement import choose_span, effective_throughputs, plan_move, spans_of_others, throughput_coverage
 from peers.runner import install_stop_handlers, start_dht
+from peers.scheduler import BatchSettings
 from peers.sessions import CacheBudget
 from peers.settings import write_ready_file
 from peers.throughput import cached_throughput, measure_decode_throughput, throughput_cache_key, warm_up
@@ -267,7 +268,7 @@ class Peer:
         )
         if self.service is None:
             self.service = BlockService(
-                self.span, limits, self.budget, config.session_idle_timeout, info, config.inline_compute_tokens
+                self.span, limits, self.budget, config.session_idle_timeout, info, batch_settings(config)
             )
             await self.service.start(await self.dht.replicate_p2p())
         else:  # moved: the same handlers now serve the new blocks
@@ -354,3 +355,15 @@ class Peer:
 
 async def serve_peer(config: PeerConfig) -> None:
     await Peer(config).run()
+
+
+def batch_settings(config: PeerConfig) -> BatchSettings:
+    """The batching limits of the peer's settings (peers.scheduler)."""
+    return BatchSettings(
+        max_batch_tokens=config.max_batch_tokens,
+        max_batch_sessions=config.max_batch_sessions,
+        batch_wait=config.batch_wait,
+        client_share=config.client_share,
+        prefill_chunk_tokens=config.prefill_chunk_tokens,
+        inline_tokens=config.inline_compute_tokens,
+    )

@@ -197,10 +197,11 @@ class InferenceSession:
         chain = tuple((s.peer_id.to_base58(), s.push_token) for s in self._streams[start:])
         return () if any(token is None for _, token in chain) else chain
 
+    @torch.inference_mode(False)  # a normal buffer: steps come from threads in and out of inference mode
     def _remember(self, i: int, hidden: torch.Tensor, position: int) -> None:
         # One buffer of max_length tokens per stream, written in place: no per-token copy of the whole history.
         if self._history[i] is None:
-            self._history[i] = hidden.new_empty(self.batch, self.max_length, hidden.shape[2])
+            self._history[i] = torch.empty(self.batch, self.max_length, hidden.shape[2], dtype=hidden.dtype)
         self._history[i][:, position : position + hidden.shape[1]] = hidden
 
     async def _replace(self, i: int, position: int, timeout: float | None) -> None:
@@ -223,8 +224,9 @@ class InferenceSession:
         if past is not None and position > 0:
             replay = past[:, :position]
             for j, stream in enumerate(streams):
-                history[j] = past.new_empty(past.shape)
-                history[j][:, :position] = replay
+                with torch.inference_mode(False):
+                    history[j] = torch.empty_like(past)
+                    history[j][:, :position] = replay
                 outputs = []
                 for offset in range(0, position, cfg.max_prefill_tokens):
                     piece = replay[:, offset : offset + cfg.max_prefill_tokens]

@@ -37,7 +37,6 @@ async def send_message(message, writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
-
 async def send_error(text: str, writer: asyncio.StreamWriter) -> None:
     await send_message(RPCError(message=text), writer)
 

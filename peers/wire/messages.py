@@ -410,6 +410,8 @@ class PeerInfo:
     sessions: int = 0
     stats: dict[str, float] = field(default_factory=dict)
     block_tokens: dict[str, int] = field(default_factory=dict)
+    batch_sessions: int = 0  # sessions in the last batched step
+    queue_length: int = 0  # computations waiting for their turn
 
     def encode(self) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=encode_metadata(asdict(self)))
@@ -425,7 +427,8 @@ class PeerInfo:
             info = cls(**meta)
         except TypeError as e:
             raise ProtocolError(f"peer info is incomplete: {e}") from None
-        for name, kind in (("start", int), ("end", int), ("max_length", int), ("max_batch", int), ("sessions", int)):
+        ints = ("start", "end", "max_length", "max_batch", "sessions", "batch_sessions", "queue_length")
+        for name, kind in ((name, int) for name in ints):
             if not isinstance(getattr(info, name), kind):
                 raise ProtocolError(f"peer info field {name!r} must be {kind.__name__}")
         for name in ("weights", "stats", "block_tokens"):

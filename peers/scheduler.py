@@ -1,0 +1,322 @@
+"""What the peer computes next: iteration-level scheduling of session steps into batches, one computation at a time.
+
+Each iteration runs either one batch of session steps that are ready now (blocks.batching: the sessions' tokens
+share every matrix product, attention stays per session) or one solo job (a whole-sequence forward, a training
+call, a step of a session with adapters). A session's step waits only for the batch it is in, never for another
+session's generation. Batches are filled fairly (``select_batch``): round robin over clients, each client held to
+a share of the batch's tokens while others wait. Small computations run on the event loop, where a hand-off to a
+thread costs more than the step; larger ones, and every batch while other sessions are open, run on the compute
+thread so that the loop keeps reading the next steps meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+_arrivals = itertools.count()
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The batching limits of a peer (from PeerConfig)."""
+
+    max_batch_tokens: int = 512  # tokens (batch x length) of all steps in one batch
+    max_batch_sessions: int = 32  # sessions in one batch; 1 turns batching off
+    # Seconds a batch may wait for the steps of other open sessions, at most a quarter of the last batch's compute
+    # time; never when the step's session is the only one open (0: never waits).
+    batch_wait: float = 0.05
+    client_share: float = 0.5  # most of a batch's tokens one client may take while other clients' steps wait
+    prefill_chunk_tokens: int = 256  # a longer step is cut into chunks of this many tokens, other steps in between
+    inline_tokens: int = 16  # at most this many tokens run on the event loop when nothing else is pending
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A ready step as the batch selection sees it."""
+
+    client: str
+    group: Any  # steps of one batch must share it (blocks served, dtype)
+    tokens: int
+
+
+def select_batch(candidates: list[Candidate], settings: BatchSettings) -> list[int]:
+    """Indices of the ready steps (in arrival order) that form the next batch.
+
+    Rules: the oldest step always runs, and decides the group; only steps of its group join. Clients take turns
+    (round robin in the order they first appear), one step per turn, while the batch has room for the step's tokens
+    (max_batch_tokens) and another session (max_batch_sessions). While another client still has a step of the
+    group waiting, a client stops at client_share x max_batch_tokens, so one client cannot fill every batch.
+    """
+    if not candidates:
+        return []
+    group = candidates[0].group
+    queues: dict[str, collections.deque[int]] = {}
+    for i, c in enumerate(candidates):
+        if c.group == group:
+            queues.setdefault(c.client, collections.deque()).append(i)
+    chosen = [queues[candidates[0].client].popleft()]
+    tokens = candidates[0].tokens
+    taken = collections.Counter({candidates[0].client: tokens})
+    share = settings.client_share * settings.max_batch_tokens
+    progress = True
+    while progress and len(chosen) < settings.max_batch_sessions:
+        progress = False
+        for client, queue in queues.items():
+            if not queue or len(chosen) >= settings.max_batch_sessions:
+                continue
+            i = queue[0]
+            others_waiting = any(q for other, q in queues.items() if other != client)
+            if tokens + candidates[i].tokens > settings.max_batch_tokens:
+                continue
+            if others_waiting and taken[client] + candidates[i].tokens > share:
+                continue
+            queue.popleft()
+            chosen.append(i)
+            tokens += candidates[i].tokens
+            taken[client] += candidates[i].tokens
+            progress = True
+    return sorted(chosen)
+
+
+@dataclass
+class _Job:
+    client: str
+    tokens: int
+    future: asyncio.Future
+    check: Callable[[], None] | None
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+
+
+@dataclass
+class _Step(_Job):
+    group: Any = None
+    prepare: Callable[[], Any] | None = None  # on the compute thread, just before the batch: -> its batch input
+    session: Any = None  # whose step (None: a forward, which has no next step)
+
+
+@dataclass
+class _Solo(_Job):
+    fn: Callable[[], Any] | None = None
+
+
+class ComputeScheduler:
+    """Runs the peer's computations one at a time, steps of sessions batched (see the module docstring)."""
+
+    def __init__(self, settings: BatchSettings, run_batch: Callable[[list[Any]], list[Any]]):
+        self.settings = settings
+        self._run_batch = run_batch  # batch inputs (from each step's prepare) -> each step's result
+        self.compute_seconds = 0.0
+        self.batches = 0
+        self.batched_steps = 0
+        self.last_batch_sessions = 0
+        self.last_batch_tokens = 0
+        self.open_sessions: Callable[[], int] = lambda: 1  # set by the service: inline only when alone
+        self._pending: list[_Job] = []
+        self._ready = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._last_compute = 0.0  # seconds the last computation took
+        self._returns = ReturnTimes()
+        self._worker: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # held while computing, and by exclusive()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    @property
+    def queue_length(self) -> int:
+        return sum(not job.future.done() for job in self._pending)
+
+    async def run(self, fn: Callable[[], T], tokens: int, check: Callable[[], None] | None = None, client: str = ""):
+        """`fn()` alone, when its turn comes; `check()` runs first, when the turn has come (e.g. to refuse work for
+        blocks the peer stopped serving while the request waited)."""
+        return await self._submit(_Solo(client, tokens, self._new_future(), check, fn=fn))
+
+    async def step(
+        self,
+        prepare: Callable[[], Any],
+        tokens: int,
+        group: Any,
+        client: str,
+        check: Callable[[], None] | None = None,
+        session: Any = None,
+    ) -> Any:
+        """A step that may share a batch with other steps of `group`: `prepare()` gives its batch input (run_batch's
+        element) and runs right before the batch, on the compute thread. `session` (hashable) names the session
+        whose steps these are, so that the scheduler learns how soon its next step comes back."""
+        job = _Step(client, tokens, self._new_future(), check, group=group, prepare=prepare, session=session)
+        if session is not None:
+            self._returns.arrived(session)
+        return await self._submit(job)
+
+    def forget(self, session: Any) -> None:
+        """The session ended."""
+        self._returns.forget(session)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """No computation runs while the block is open (e.g. while the peer swaps its blocks)."""
+        async with self._lock:
+            yield
+
+    def _new_future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, job: _Job) -> Any:
+        self._pending.append(job)
+        self._ready.set()
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+        return await job.future
+
+    async def _work(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._pending = [job for job in self._pending if not job.future.done()]  # cancelled: its client left
+            if not self._pending:
+                self._ready.clear()
+                continue
+            await self._wait_for_company()
+            jobs = self._next_jobs()
+            for job in jobs:
+                self._pending.remove(job)
+            async with self._lock:
+                await self._execute(jobs)
+            await asyncio.sleep(0)  # let steps that arrived meanwhile be read before the next choice
+
+    async def _wait_for_company(self) -> None:
+        """Let the steps of sessions that are due back now join the batch: without it, sessions that start a step
+        during another batch settle into alternating half-full batches. Only sessions expected within the wait are
+        waited for (from how long each took to come back before), so a session busy on another peer of its route
+        is not waited for and pipelining across peers is kept. Bounded by batch_wait and by a quarter of the last
+        batch's compute time, so waiting never costs more than a fraction of a step."""
+        if not isinstance(self._pending[0], _Step):
+            return
+        deadline = time.monotonic() + min(self.settings.batch_wait, 0.25 * self._last_compute)
+        while True:
+            pending = {job.session for job in self._pending if isinstance(job, _Step)}
+            if not self._returns.due_by(deadline) - pending:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
+    def _next_jobs(self) -> list[_Job]:
+        oldest = self._pending[0]
+        if isinstance(oldest, _Solo) or self.settings.max_batch_sessions <= 1:
+            return [oldest]
+        steps = [job for job in self._pending if isinstance(job, _Step)]
+        candidates = [Candidate(job.client, job.group, job.tokens) for job in steps]
+        return [steps[i] for i in select_batch(candidates, self.settings)]
+
+    async def _execute(self, jobs: list[_Job]) -> None:
+        runnable = []
+        for job in jobs:
+            try:
+                if job.check is not None:
+                    job.check()
+                runnable.append(job)
+            except Exception as e:  # this job's own problem: the others still run
+                if not job.future.done():
+                    job.future.set_exception(e)
+        if not runnable:
+            return
+        tokens = sum(job.tokens for job in runnable)
+        work = functools.partial(self._compute, runnable)
+        try:
+            alone = len(runnable) == 1 and not self._pending and self.open_sessions() <= 1
+            if tokens <= self.settings.inline_tokens and alone:
+                results = work()
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except Exception as e:
+            results = [e] * len(runnable)
+        for job, result in zip(runnable, results, strict=True):
+            if isinstance(job, _Step) and job.session is not None:
+                self._returns.finished(job.session)
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    def _compute(self, jobs: list[_Job]) -> list[Any]:
+        """On the compute thread (or inline): the jobs' results, or the exception each raised."""
+        began = time.perf_counter()
+        try:
+            if isinstance(jobs[0], _Solo):
+                try:
+                    return [jobs[0].fn()]
+                except Exception as e:
+                    return [e]
+            inputs, results, ok = [], [None] * len(jobs), []
+            for i, job in enumerate(jobs):
+                try:
+                    inputs.append(job.prepare())
+                    ok.append(i)
+                except Exception as e:  # e.g. a session whose cache no longer fits its position
+                    results[i] = e
+            if ok:
+                with torch.inference_mode():
+                    outputs = self._run_batch(inputs)
+                for i, out in zip(ok, outputs, strict=True):
+                    results[i] = out
+                self.batches += 1
+                self.batched_steps += len(ok)
+                self.last_batch_sessions = len(ok)
+                self.last_batch_tokens = sum(jobs[i].tokens for i in ok)
+            return results
+        finally:
+            self._last_compute = time.perf_counter() - began
+            self.compute_seconds += self._last_compute
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class ReturnTimes:
+    """For each session: when its last step finished here, and how long its next step usually takes to come back
+    (the client's turn, and the rest of its route): a moving average of the gaps seen."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self) -> None:
+        self._finished: dict[Any, float] = {}
+        self._gap: dict[Any, float] = {}
+
+    def finished(self, session: Any) -> None:
+        self._finished[session] = time.monotonic()
+
+    def arrived(self, session: Any) -> None:
+        finished = self._finished.pop(session, None)
+        if finished is not None:
+            gap = time.monotonic() - finished
+            previous = self._gap.get(session)
+            self._gap[session] = gap if previous is None else (1 - self.SMOOTHING) * previous + self.SMOOTHING * gap
+
+    def due_by(self, deadline: float) -> set[Any]:
+        """Sessions whose next step is expected by `deadline` (monotonic time)."""
+        return {s for s, t in self._finished.items() if s in self._gap and t + self._gap[s] <= deadline}
+
+    def forget(self, session: Any) -> None:
+        self._finished.pop(session, None)
+        self._gap.pop(session, None)
