@@ -39,7 +39,8 @@ LORA_MODULES: dict[str, str] = {
     "down_proj": "mlp",
 }
 DEEP_PROMPTS = "deep_prompts"
-_LORA_NAME = re.compile(r"lora\.(\d{1,6})\.([a-z_]{1,16})\.([AB])")
+# [0-9], not \d: \d matches every script's digits, so two names could spell one block
+_LORA_NAME = re.compile(r"lora\.([0-9]{1,6})\.([a-z_]{1,16})\.([AB])")
 
 
 def lora_name(block: int, module: str, part: str) -> str:

@@ -7,9 +7,11 @@ import os
 import signal
 import sys
 import threading
+from functools import partial
 
 from hivemind.dht import DHT
 
+from dht.budget import StorageBudget, install_storage_budget
 from dht.maddrs import parse_announce_maddrs, parse_host_maddrs, parse_initial_peers
 
 _PR_SET_PDEATHSIG = 1
@@ -44,13 +46,15 @@ def start_dht_node(
     identity_path: str | None = None,
     record_validators: list | None = None,
     client_mode: bool = False,
+    storage_budget: StorageBudget | None = None,
 ) -> DHT:
     """Start the DHT node and wait until it has joined.
 
     The kernel's parent-death signal fires when the *thread* that forked the child exits, so it is only armed when
     this runs on the main thread; otherwise the node is a daemon process that ends with a normal exit.
     The addresses are checked first (dht.maddrs; the configs did already): a bad one raises MaddrError, never
-    reaching the daemon.
+    reaching the daemon. A node that serves others (not `client_mode`) with a `storage_budget` stores for other
+    nodes only within it (dht.budget).
     """
     dht = IsolatedDHT(
         initial_peers=parse_initial_peers(initial_peers, "initial_peers"),
@@ -63,4 +67,6 @@ def start_dht_node(
     )
     dht.die_with_parent = threading.current_thread() is threading.main_thread()
     dht.run_in_background(await_ready=True)
+    if storage_budget is not None and not client_mode:
+        dht.run_coroutine(partial(install_storage_budget, budget=storage_budget))
     return dht

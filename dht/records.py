@@ -9,6 +9,7 @@ SchemaValidator on every DHT node that knows the model, and parsed again by expl
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -99,6 +100,13 @@ def owner_peer_id(subkey: Any) -> PeerID:
     """Peer ID bound to a record's owner subkey; raises ValueError if the subkey is not a valid RSA owner marker."""
     if not isinstance(subkey, bytes):
         raise ValueError(f"subkey must be bytes, got {type(subkey).__name__}")
+    return _owner_peer_id(subkey)
+
+
+@functools.lru_cache(maxsize=4096)
+def _owner_peer_id(subkey: bytes) -> PeerID:
+    # Cached: a peer's subkey is the same under each of its blocks and at every read, and parsing its RSA key is
+    # most of the cost of reading many records (e.g. of peers that announce but do not run).
     match = _OWNER_RE.match(subkey)
     if match is None:
         raise ValueError("subkey is not signed by an owner key")
@@ -118,7 +126,7 @@ def parse_block_entries(block: int, entries: dict[Any, tuple[Any, float]]) -> li
             peer_id = owner_peer_id(subkey)
             if not isinstance(value, dict):
                 raise ValueError(f"record must be a dict, got {type(value).__name__}")
-            record = ServerRecord.parse_obj(value)
+            record = _parse_record(value)
             if not record.start <= block < record.end:
                 raise ValueError(f"record span [{record.start}, {record.end}) does not contain block {block}")
             if not isinstance(expiration, (int, float)):
@@ -128,6 +136,23 @@ def parse_block_entries(block: int, entries: dict[Any, tuple[Any, float]]) -> li
             continue
         servers.append(BlockServer(peer_id, block, record, float(expiration)))
     return servers
+
+
+def _parse_record(value: dict) -> ServerRecord:
+    """ServerRecord.parse_obj, cached: a peer's record is the same under each of its blocks and at every read. The
+    cache key holds each field's type too, so a value is never taken for an equal one of another type (1 == 1.0
+    == True), which the strict schema tells apart. Shared results are never modified."""
+    try:
+        key = tuple(sorted((name, type(v), v) for name, v in value.items()))
+        hash(key)
+    except TypeError:  # keys that do not sort, or values that do not hash: not a valid record anyway
+        return ServerRecord.parse_obj(value)
+    return _parse_record_items(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_record_items(items: tuple) -> ServerRecord:
+    return ServerRecord.parse_obj({name: v for name, _, v in items})
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,20 @@ class DhtNodeConfig:
     identity_path: str | None = option("private key file: a stable peer ID (created if missing)")
     ready_file: str | None = option("write a JSON file with peer_id and maddrs once ready")
     log_level: str = option("logging level", default="INFO")
+    # What other nodes may store in this node's DHT storage (dht.budget); a sender is a remote peer ID.
+    dht_max_value_bytes: int = option("max bytes of one value another node stores in this node's DHT", default=65536)
+    dht_max_sender_values: int = option(
+        "max values (and subkeys) one other node may have stored in this node's DHT at once", default=1024
+    )
+    dht_max_sender_bytes: int = option(
+        "max bytes one other node may have stored in this node's DHT at once", default=4 * 1024**2
+    )
+    dht_max_values: int = option("max values (and subkeys) all other nodes together may store here", default=65536)
+    dht_max_bytes: int = option("max bytes all other nodes together may store in this node's DHT", default=64 * 1024**2)
+    dht_max_ttl: float = option(
+        "seconds ahead a value stored here by another node may expire (what is stored is gone within it)",
+        default=3600.0,
+    )
 
     def check_maddrs(self) -> None:
         """Parse every multiaddr setting now (rules: dht.maddrs), keeping their canonical text: a bad one is a
@@ -34,6 +48,15 @@ class DhtNodeConfig:
         self.initial_peers = checked_maddrs(parse_initial_peers, self.initial_peers, "--initial-peers")
         self.host_maddrs = checked_maddrs(parse_host_maddrs, self.host_maddrs, "--host-maddrs")
         self.announce_maddrs = checked_maddrs(parse_announce_maddrs, self.announce_maddrs, "--announce-maddrs")
+
+    def check_dht_budget(self) -> None:
+        for name in ("dht_max_value_bytes", "dht_max_sender_values", "dht_max_sender_bytes", "dht_max_values"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.dht_max_bytes < self.dht_max_sender_bytes or self.dht_max_values < self.dht_max_sender_values:
+            raise ConfigError("--dht-max-bytes / --dht-max-values must be at least their per-sender limits")
+        if not self.dht_max_ttl > 0:
+            raise ConfigError("--dht-max-ttl must be > 0")
 
 
 @dataclass
@@ -58,6 +81,11 @@ class PeerConfig(DhtNodeConfig):
     max_backward_tokens: int = option("max batch x length of one backward (training) request", default=16384)
     max_lora_rank: int = option("max rank of client-sent LoRA adapters", default=64)
     max_prompt_length: int = option("max length of client-sent deep prompts", default=256)
+    max_abs_value: float = option(
+        "largest magnitude of any value in a client's tensors (hidden states, gradients, adapters); beyond it a "
+        "request could only compute infinities",
+        default=1e9,
+    )
     max_held_tokens: int = option(
         "max tokens (summed over training calls) whose autograd graphs are kept between a forward and its backward; "
         "beyond it, clients fall back to the backward call that recomputes the forward",
@@ -65,6 +93,39 @@ class PeerConfig(DhtNodeConfig):
     )
     train_hold_timeout: float = option("seconds a training call's graph is kept waiting for its gradient", default=60.0)
     session_idle_timeout: float = option("close a session idle for this many seconds", default=600.0)
+    frame_timeout: float = option(
+        "seconds within which a frame must arrive whole once it began, and a stream's first request once the stream "
+        "opened: a stream that stalls mid-message is closed and its file descriptor freed",
+        default=60.0,
+    )
+    max_streams: int = option("max open streams of all clients together (each holds a file descriptor)", default=1024)
+    max_client_streams: int = option("max open streams of one client (remote peer ID)", default=64)
+    max_client_sessions: int = option("max inference sessions of one client open at once", default=16)
+    max_client_cache_tokens: int = option(
+        "max KV-cache tokens (batch x max_length, summed) that one client's sessions may reserve", default=16384
+    )
+    max_client_trainable_bytes: int = option(
+        "max bytes of deep prompts and LoRA tensors one client's sessions and requests may keep on this peer",
+        default=256 * 1024**2,
+    )
+    max_client_queued_tokens: int = option(
+        "max tokens (batch x length) of one client's computations waiting or running at once; more is refused",
+        default=131072,
+    )
+    max_client_request_bytes: int = option(
+        "max bytes one client's messages may hold while read, decoded, computed and answered (4x each frame's length)",
+        default=1024**3,
+    )
+    memory_budget: int = option(
+        "bytes that everything held for clients may take in all: messages being read and answered (4x their "
+        "length), decoded requests, trainables, held autograd graphs (KV caches have --cache-tokens)",
+        default=2 * 1024**3,
+    )
+    compute_slice_tokens: int = option(
+        "a whole-sequence forward is computed in slices of about this many tokens (whole sequences), other "
+        "clients' work in between",
+        default=4096,
+    )
     announce_period: float = option("seconds between DHT record refreshes", default=30.0)
     record_ttl: float = option("seconds a DHT record stays valid without refresh", default=90.0)
     inline_compute_tokens: int = option(
@@ -116,6 +177,9 @@ class PeerConfig(DhtNodeConfig):
             raise ConfigError(f"--num-blocks must be >= 1, got {self.num_blocks}")
         _check_join(self)
         self.check_maddrs()
+        self.check_dht_budget()
+        if self.record_ttl > self.dht_max_ttl:
+            raise ConfigError("--record-ttl must not exceed --dht-max-ttl, or other nodes refuse this peer's records")
         for name in (
             "max_length",
             "cache_tokens",
@@ -129,6 +193,15 @@ class PeerConfig(DhtNodeConfig):
             "max_batch_tokens",
             "max_batch_sessions",
             "prefill_chunk_tokens",
+            "max_streams",
+            "max_client_streams",
+            "max_client_sessions",
+            "max_client_cache_tokens",
+            "max_client_trainable_bytes",
+            "max_client_queued_tokens",
+            "max_client_request_bytes",
+            "memory_budget",
+            "compute_slice_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -136,11 +209,13 @@ class PeerConfig(DhtNodeConfig):
             raise ConfigError("--inline-compute-tokens and --num-threads must be >= 0")
         if self.max_held_tokens < 0:
             raise ConfigError("--max-held-tokens must be >= 0")
+        if not self.max_abs_value > 0:
+            raise ConfigError("--max-abs-value must be > 0")
         if self.batch_wait < 0 or not 0 < self.client_share <= 1:
             raise ConfigError("--batch-wait must be >= 0 and --client-share in (0, 1]")
         if self.prefill_chunk_tokens > self.max_batch_tokens:
             raise ConfigError("--prefill-chunk-tokens must not exceed --max-batch-tokens: a chunk must fit a batch")
-        for name in ("session_idle_timeout", "announce_period", "record_ttl", "train_hold_timeout"):
+        for name in ("session_idle_timeout", "announce_period", "record_ttl", "train_hold_timeout", "frame_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.record_ttl <= self.announce_period:
@@ -159,6 +234,7 @@ class DhtConfig(DhtNodeConfig):
     def validate(self) -> DhtConfig:
         check_log_level(self.log_level)
         self.check_maddrs()
+        self.check_dht_budget()
         return self
 
 
@@ -172,7 +248,8 @@ def _check_join(config: PeerConfig) -> None:
 def parse_span(text: str) -> tuple[int, int]:
     """'A:B' -> (A, B) with 0 <= A < B."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    # isascii: str.isdigit also accepts superscripts and other scripts' digits, which int() then refuses
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise ConfigError(f"--blocks must look like A:B (e.g. 0:4), got {text!r}")
     start, end = int(parts[0]), int(parts[1])
     if start >= end:

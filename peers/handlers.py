@@ -1,7 +1,8 @@
 """The peer's RPC handlers. Each reads like the exchange it serves (see peers.wire.messages): parse the request
 into its typed message (validated against the peer's limits), compute, reply. Computation goes through the
-ComputeScheduler (peers.compute), pushes between peers through the PushRouter (peers.push), held training
-graphs through peers.training; errors are answered by one ladder (`_answering_errors`).
+ComputeScheduler (peers.scheduler), pushes between peers through the PushRouter (peers.push), held training
+graphs through peers.training; what every client stream shares (quotas, frame timeouts, the one error ladder)
+through peers.streams.
 
 Each session owns its cache; nothing is shared between sessions but the weights.
 """
@@ -9,11 +10,11 @@ Each session owns its cache; nothing is shared between sessions but the weights.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -24,9 +25,19 @@ from hivemind.proto import runtime_pb2
 from blocks.adapters import Adapters, check_prompt_positions, linear_module, run_span
 from blocks.batching import Segment, run_segments
 from blocks.span import BlockSpan
-from peers.push import PushRouter, short_id
+from peers.push import Pushed, PushRouter, short_id
+from peers.quotas import (
+    ClientLedger,
+    ClientQuotas,
+    Holding,
+    QuotaExceeded,
+    Resource,
+    held_graph_bytes,
+    tensor_bytes,
+)
 from peers.scheduler import BatchSettings, ComputeScheduler
 from peers.sessions import CacheBudget, PeerSession
+from peers.streams import ClientStreams, unless_client_leaves, wire_bytes
 from peers.training import HeldGraphs, forward_graph, gradients, recompute_gradients
 from peers.wire import (
     BACKWARD_HANDLER,
@@ -43,19 +54,15 @@ from peers.wire import (
     OpenSession,
     PeerInfo,
     ProtocolError,
-    RemoteError,
     SessionOpened,
     Step,
     StepReply,
     encode_tensor,
-    receive_message,
-    send_error,
     send_message,
 )
 from peers.wire.validation import Limits
 
 logger = logging.getLogger(__name__)
-ERROR_DRAIN_SECONDS = 2.0  # after an error, how long to read (and drop) what the client is still sending
 
 
 class BlockService:
@@ -69,9 +76,15 @@ class BlockService:
         idle_timeout: float,
         info: dict[str, Any],
         batching: BatchSettings | None = None,
+        quotas: ClientQuotas | None = None,
+        frame_timeout: float = 60.0,
+        slice_tokens: int = 4096,
     ):
         self.span: BlockSpan | None = span
         self.limits, self.budget, self.idle_timeout = limits, budget, idle_timeout
+        # what each client holds (streams, sessions, cache tokens, trainables, queued work, message bytes)
+        self.ledger = ClientLedger(quotas or ClientQuotas(per_client={}, total={}, memory_budget=2**62))
+        self.slice_tokens = slice_tokens
         self.static_info = info
         self.batching = batching or BatchSettings()
         self.scheduler = ComputeScheduler(self.batching, self._run_step_batch)
@@ -79,7 +92,9 @@ class BlockService:
         self.push = PushRouter(lambda: self.limits.max_message_bytes)
         self.held = HeldGraphs(limits.max_held_tokens)
         self.stats = {"inference_steps": 0, "forward_calls": 0, "backward_calls": 0, "held_backward_calls": 0}
-        self.stats |= {"errors": 0, "tokens_processed": 0}
+        # errors: requests refused or failed; internal_errors: of those, failures of this peer's code (a bug)
+        self.stats |= {"errors": 0, "internal_errors": 0, "refused_pushes": 0, "tokens_processed": 0}
+        self.streams = ClientStreams(self.ledger, self.stats, frame_timeout, lambda: self.limits.max_message_bytes)
         # tokens whose activations each block saw (any request kind): lets a client audit its exposure
         self.block_tokens: dict[int, int] = {}
         self._p2p: P2P | None = None
@@ -129,8 +144,8 @@ class BlockService:
 
     # ---- computation (functions run by the scheduler) ----
 
-    async def _compute(self, fn: functools.partial, tokens: int, generation: int) -> Any:
-        return await self.scheduler.run(fn, tokens, check=lambda: self._check_serving(generation))
+    async def _compute(self, fn: functools.partial, tokens: int, generation: int, client: str, cost: int = 0) -> Any:
+        return await self.scheduler.run(fn, tokens, lambda: self._check_serving(generation), client, cost)
 
     def _step_input(self, session: PeerSession, hidden: torch.Tensor) -> tuple[PeerSession, torch.Tensor]:
         device = next(self.span.parameters()).device
@@ -183,6 +198,9 @@ class BlockService:
         scheduler = self.scheduler
         stats = dict(self.stats, compute_seconds=scheduler.compute_seconds, pushes=self.push.pushes)
         stats |= {"batches": scheduler.batches, "batched_steps": scheduler.batched_steps}
+        budget = self.ledger.budget
+        stats |= {"memory_budget_used": budget.used, "memory_budget_peak": budget.peak, "clients": self.ledger.clients}
+        stats |= {"open_streams": self.ledger.total(Resource.STREAMS)}
         info = PeerInfo(
             **self.static_info,
             cache_tokens_left=self.budget.tokens_left,
@@ -196,36 +214,66 @@ class BlockService:
 
     async def _handle_forward(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         """-> Forward, <- ForwardReply."""
-        async with self._answering_errors("forward", info, reader, writer):
-            request, generation = await self._first_request(reader)
+        async with self.streams.client_stream("forward", info, reader, writer) as holding:
+            request, generation = await self._first_request(reader, holding)
+            holding.take(Resource.TRAINABLE_BYTES, wire_bytes(request, 1))  # refused before they are decoded
             forward = Forward.decode(request, self.limits, self._linear_shape)
-            output = await self._forward(forward, generation, info.peer_id.to_base58())
+            del request  # its tensors are decoded: the message's own copy is not needed any more
+            self._take_work(holding, forward)
+            output = await unless_client_leaves(reader, self._forward(forward, generation, holding.client))
             await send_message(ForwardReply(output).encode(), writer)
 
+    def _take_work(self, holding: Holding, forward: Forward | Backward) -> None:
+        """Count a request's computation against its client's quota (QuotaExceeded: refused)."""
+        holding.take(Resource.QUEUED_TOKENS, forward.hidden.shape[0] * forward.hidden.shape[1])
+
     async def _forward(self, forward: Forward, generation: int, client: str) -> torch.Tensor:
-        """A whole-sequence forward: batched with other clients' forwards of the same blocks and length when it has
-        no adapters and fits a batch, else alone."""
+        """A whole-sequence forward, in slices of whole sequences of about slice_tokens tokens, so that other
+        clients' work runs in between (FairShare) and a client that leaves stops costing compute at the next
+        slice."""
+        rows, length = forward.hidden.shape[0], forward.hidden.shape[1]
+        per_slice = max(1, self.slice_tokens // length)
+        if rows <= per_slice:
+            output = await self._forward_slice(forward, generation, client)
+        else:
+            outputs = []
+            for first in range(0, rows, per_slice):
+                part = slice(first, first + per_slice)
+                piece = Forward(forward.start, forward.end, forward.hidden[part], forward.adapters.rows(part))
+                outputs.append(await self._forward_slice(piece, generation, client))
+            output = torch.cat(outputs)
+        self.stats["forward_calls"] += 1  # a whole request answered (its slices counted their tokens)
+        return output
+
+    async def _forward_slice(self, forward: Forward, generation: int, client: str) -> torch.Tensor:
+        """Batched with other clients' forwards of the same blocks and length when it has no adapters and fits a
+        batch, else alone."""
         tokens = forward.hidden.shape[0] * forward.hidden.shape[1]
         if forward.adapters or tokens > self.batching.max_batch_tokens:
             fn = functools.partial(self._run_blocks, forward.hidden, forward.start, forward.end, forward.adapters)
-            output = await self._compute(fn, tokens, generation)
+            output = await self._compute(fn, tokens, generation, client)
         else:
             group = ("forward", forward.start, forward.end, forward.hidden.shape[1])
             prepare = functools.partial(self._forward_input, forward)
             check = functools.partial(self._check_serving, generation)
             output = (await self.scheduler.step(prepare, tokens, group, client, check)).to("cpu", forward.hidden.dtype)
-        self._count("forward_calls", forward.start, forward.end, tokens)
+        self._count(None, forward.start, forward.end, tokens)
         return output
 
     async def _handle_backward(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         """-> Backward, <- Gradients. Nothing is kept between calls: the forward is recomputed here."""
-        async with self._answering_errors("backward", info, reader, writer):
-            request, generation = await self._first_request(reader)
+        async with self.streams.client_stream("backward", info, reader, writer) as holding:
+            request, generation = await self._first_request(reader, holding)
+            holding.take(Resource.TRAINABLE_BYTES, wire_bytes(request, 2))
             backward = Backward.decode(request, self.limits, self._linear_shape)
+            del request
+            self._take_work(holding, backward)
             b = backward
             fn = functools.partial(recompute_gradients, self.span, b.hidden, b.grad_output, b.start, b.end, b.adapters)
             tokens = b.hidden.shape[0] * b.hidden.shape[1]
-            grad_input, *grads = await self._compute(fn, tokens, generation)
+            # a forward with autograd and its backward: about three forwards of compute
+            work = self._compute(fn, tokens, generation, holding.client, 3 * tokens)
+            grad_input, *grads = await unless_client_leaves(reader, work)
             self._count("backward_calls", b.start, b.end, tokens)
             reply = Gradients(grad_input, b.adapters.replace(dict(zip(b.adapters.names, grads, strict=True))))
             await send_message(reply.encode(), writer)
@@ -238,35 +286,61 @@ class BlockService:
         answer has held=False and the client uses the stateless backward call. This saves the recomputation."""
         held_tokens = 0
         try:
-            async with self._answering_errors("train", info, reader, writer):
-                request, generation = await self._first_request(reader)
+            async with self.streams.client_stream("train", info, reader, writer) as holding:
+                request, generation = await self._first_request(reader, holding)
+                holding.take(Resource.TRAINABLE_BYTES, wire_bytes(request, 1))
                 forward = Forward.decode(request, self.limits, self._linear_shape)
+                del request
+                self._take_work(holding, forward)
                 tokens = forward.hidden.shape[0] * forward.hidden.shape[1]
-                if tokens > self.limits.max_backward_tokens or not self.held.try_hold(tokens):
-                    output = await self._forward(forward, generation, info.peer_id.to_base58())
+                if not self._hold_graph(holding, forward, tokens):
+                    output = await unless_client_leaves(reader, self._forward(forward, generation, holding.client))
                     await send_message(ForwardReply(output, held=False).encode(), writer)
                     return
                 held_tokens = tokens
                 f = forward
                 fn = functools.partial(forward_graph, self.span, f.hidden, f.start, f.end, f.adapters)
-                leaves, out = await self._compute(fn, tokens, generation)
+                work = self._compute(fn, tokens, generation, holding.client, 2 * tokens)
+                leaves, out = await unless_client_leaves(reader, work)
                 self._count("forward_calls", f.start, f.end, tokens)
                 reply = ForwardReply(out.detach().to("cpu", f.hidden.dtype), held=True)
                 await send_message(reply.encode(), writer)
                 async with asyncio.timeout(self.limits.train_hold_timeout):
-                    second = await receive_message(
-                        reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes
-                    )
+                    second = await self.streams.receive(reader, holding)
                 if second is None:
                     return  # the client needed no backward: the graph is dropped
                 grad = GradOutput.decode(second, forward, self.limits).grad_output
+                del second
                 fn = functools.partial(gradients, leaves, out, grad, f.hidden.dtype)
-                grad_input, *grads = await self._compute(fn, tokens, generation)
+                work = self._compute(fn, tokens, generation, holding.client, 2 * tokens)
+                grad_input, *grads = await unless_client_leaves(reader, work)
                 self._count("held_backward_calls", f.start, f.end, tokens)
                 reply = Gradients(grad_input, f.adapters.replace(dict(zip(f.adapters.names, grads, strict=True))))
                 await send_message(reply.encode(), writer)
         finally:
             self.held.release(held_tokens)
+
+    def _hold_graph(self, holding: Holding, forward: Forward, tokens: int) -> bool:
+        """Whether to keep this train call's autograd graph: within --max-backward-tokens and --max-held-tokens,
+        and its estimated bytes within the memory budget (else the client uses the stateless backward)."""
+        if tokens > self.limits.max_backward_tokens or not self.held.try_hold(tokens):
+            return False
+        config = self.span.config
+        graph = held_graph_bytes(
+            tokens,
+            forward.hidden.shape[1],
+            forward.end - forward.start,
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_attention_heads,
+            torch.finfo(self.span.dtype).bits // 8,
+        )
+        try:
+            holding.take(Resource.HELD_BYTES, graph)
+        except QuotaExceeded:
+            self.held.release(tokens)
+            return False
+        return True
 
     async def _handle_inference(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         """-> OpenSession, <- SessionOpened, then -> Step / <- StepReply until the client closes the stream, an
@@ -275,11 +349,18 @@ class BlockService:
         session: PeerSession | None = None
         token: str | None = None
         try:
-            async with self._answering_errors("inference session", info, reader, writer):
-                request, generation = await self._first_request(reader)
+            async with self.streams.client_stream("inference session", info, reader, writer) as holding:
+                request, generation = await self._first_request(reader, holding)
+                holding.take(Resource.SESSIONS, 1)
+                holding.take(Resource.TRAINABLE_BYTES, wire_bytes(request, 0))
                 opening = OpenSession.decode(request, self.limits, self._linear_shape)
+                del request
+                holding.take(Resource.CACHE_TOKENS, opening.batch * opening.max_length)
                 device = next(self.span.parameters()).device
                 adapters = opening.adapters.to(self.span.dtype, device)
+                # kept in the span's dtype for the whole session: counted as such
+                holding.give_back(Resource.TRAINABLE_BYTES, holding.held(Resource.TRAINABLE_BYTES))
+                holding.take(Resource.TRAINABLE_BYTES, tensor_bytes(adapters.values))
                 self.budget.reserve(opening.batch * opening.max_length)
                 session = PeerSession(
                     opening.start,
@@ -290,13 +371,17 @@ class BlockService:
                     adapters=adapters,
                 )
                 logger.debug(f"session {session.session_id} from {short_id(info.peer_id)}: {opening}")
+                del opening  # the session keeps its adapters (in the span's dtype): not a second copy of them
+                holding.give_back(Resource.REQUEST_BYTES, holding.held(Resource.REQUEST_BYTES))
                 token, inbox = self.push.open_inbox()
-                reading = asyncio.create_task(self._read_client(reader, inbox))
+                charges: collections.deque[int] = collections.deque()  # bytes of each client frame in the inbox
+                reading = asyncio.create_task(self._read_client(reader, inbox, holding, charges))
                 serving: asyncio.Task | None = None
                 try:
                     await send_message(SessionOpened(session.session_id, token).encode(), writer)
-                    client = info.peer_id.to_base58()
-                    serving = asyncio.create_task(self._serve_steps(session, inbox, writer, generation, client))
+                    client = holding.client
+                    steps = self._serve_steps(session, inbox, writer, generation, client, holding, charges)
+                    serving = asyncio.create_task(steps)
                     await asyncio.wait({reading, serving}, return_when=asyncio.FIRST_COMPLETED)
                     if not serving.done() and reading.result() is True:
                         # The client closed its stream: nobody reads what is still being computed for it. Its
@@ -318,14 +403,18 @@ class BlockService:
                 self.budget.release(session.reserved_tokens)
                 session.cache = None  # free the KV cache now, not when the handler's frame is collected
 
-    async def _read_client(self, reader: asyncio.StreamReader, inbox: asyncio.Queue) -> bool:
+    async def _read_client(
+        self, reader: asyncio.StreamReader, inbox: asyncio.Queue, holding: Holding, charges: collections.deque[int]
+    ) -> bool:
         """Move the client's requests into the session's inbox, then None at the end of the stream (returns True)
-        or the error (returns False: the session answers it)."""
+        or the error (returns False: the session answers it). Each frame's bytes are charged to the client before
+        it is read, in `charges`, until the session served it."""
         while True:
             try:
-                request = await receive_message(
-                    reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes
-                )
+                before = holding.held(Resource.REQUEST_BYTES)
+                request = await self.streams.receive(reader, holding)
+                if request is not None:
+                    charges.append(holding.held(Resource.REQUEST_BYTES) - before)
             except Exception as e:
                 await inbox.put(e)
                 return False
@@ -352,29 +441,59 @@ class BlockService:
             outputs.append(out.to("cpu", hidden.dtype))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
+    def _accept_step(self, session: PeerSession, request: runtime_pb2.ExpertRequest, last_step: int) -> Step | None:
+        """Decode and check a step of `session`, and prepare its cache (a position behind it rewinds it); None if
+        the step's number was seen already."""
+        step = Step.decode(request, self.limits, session.batch, session.max_length)
+        if step.step is not None and step.step <= last_step:
+            return None
+        tokens = step.hidden.shape[1]
+        if session.adapters.prompt_length:
+            try:
+                check_prompt_positions(session.adapters.prompt_length, step.position, tokens)
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+        session.prepare_step(step.position, tokens)
+        return step
+
     async def _serve_steps(
-        self, session: PeerSession, inbox: asyncio.Queue, writer: asyncio.StreamWriter, generation: int, client: str
+        self,
+        session: PeerSession,
+        inbox: asyncio.Queue,
+        writer: asyncio.StreamWriter,
+        generation: int,
+        client: str,
+        holding: Holding,
+        charges: collections.deque[int],
     ) -> None:
         last_step = -1
+        served = 0  # bytes charged for the client's frame served last: given back once it is answered
         while True:
+            holding.give_back(Resource.REQUEST_BYTES, served)
+            served = 0
             async with asyncio.timeout(self.idle_timeout):  # unlike wait_for, no extra task per step
                 request = await inbox.get()
             if request is None:
                 return
             if isinstance(request, BaseException):
                 raise request
-            step = Step.decode(request, self.limits, session.batch, session.max_length)
+            pushed = isinstance(request, Pushed)
+            if not pushed and charges:
+                served = charges.popleft()
+            try:
+                step = self._accept_step(session, request.request if pushed else request, last_step)
+            except ProtocolError as e:
+                if not pushed:
+                    raise  # the client's own mistake ends its session
+                # A neighbour's bad push: dropped alone; the client sends the step itself after its grace time.
+                self.stats["refused_pushes"] += 1
+                logger.info(f"dropped a step pushed into session {session.session_id}: {e}")
+                continue
+            if step is None:
+                continue  # the second copy of a step (pushed and also sent by the client): done already
             if step.step is not None:
-                if step.step <= last_step:
-                    continue  # the second copy of a step (pushed and also sent by the client): done already
                 last_step = step.step
             tokens = step.hidden.shape[1]
-            if session.adapters.prompt_length:
-                try:
-                    check_prompt_positions(session.adapters.prompt_length, step.position, tokens)
-                except ValueError as e:
-                    raise ProtocolError(str(e)) from None
-            session.prepare_step(step.position, tokens)
             began = time.perf_counter()
             output = await self._step(session, step.hidden, generation, client)
             compute_s = time.perf_counter() - began
@@ -387,55 +506,10 @@ class BlockService:
             reply = StepReply(encoded, session.position, compute_s, step.step)
             await send_message(reply.encode(), writer)
 
-    # ---- requests and errors ----
-
-    async def _first_request(self, reader: asyncio.StreamReader) -> tuple[runtime_pb2.ExpertRequest, int]:
-        """The stream's first request and the serving generation it arrived in; ConnectionError if none came."""
-        async with asyncio.timeout(self.idle_timeout):
-            request = await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes=self.limits.max_message_bytes)
-        if request is None:
-            raise ConnectionError("the stream ended before a request")
+    async def _first_request(
+        self, reader: asyncio.StreamReader, holding: Holding
+    ) -> tuple[runtime_pb2.ExpertRequest, int]:
+        """The stream's first request (peers.streams) and the serving generation it arrived in."""
+        request = await self.streams.first_request(reader, holding)
         self._check_serving()
         return request, self.generation
-
-    @contextlib.asynccontextmanager
-    async def _answering_errors(
-        self, kind: str, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> AsyncIterator[None]:
-        """Answer whatever goes wrong while serving a stream with an error frame naming it; close the stream."""
-        peer = short_id(info.peer_id)
-        try:
-            yield
-        except (ProtocolError, RemoteError) as e:
-            self.stats["errors"] += 1
-            logger.info(f"{kind} from {peer} refused: {e}")
-            await _try_send_error(str(e), writer, reader)
-        except TimeoutError:
-            logger.info(f"{kind} from {peer}: nothing arrived within its timeout")
-            await _try_send_error(f"{kind} closed: nothing arrived within its timeout", writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            logger.debug(f"{kind} from {peer}: connection lost")
-        except Exception as e:
-            self.stats["errors"] += 1
-            logger.exception(f"{kind} from {peer} failed")
-            await _try_send_error(f"internal error: {type(e).__name__}: {e}", writer)
-        finally:
-            writer.close()
-
-
-async def _try_send_error(text: str, writer: asyncio.StreamWriter, reader: asyncio.StreamReader | None = None) -> None:
-    try:
-        await send_error(text, writer)
-    except Exception:  # the client may be gone already; its side reports the failure
-        logger.debug("could not deliver an error to the client", exc_info=True)
-        return
-    if reader is not None:
-        # A client still sending (e.g. an oversized message) only reads our error once it finished writing; closing
-        # right away would reset the stream and lose the error. Drain without storing, for a bounded time.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(_discard_until_eof(reader), timeout=ERROR_DRAIN_SECONDS)
-
-
-async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
-    while await reader.read(2**16):
-        pass

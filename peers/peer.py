@@ -33,6 +33,7 @@ from dht.records import ServerRecord, ServerState, check_prefix, make_validators
 from peers.config import PeerConfig, check_span_fits
 from peers.handlers import BlockService
 from peers.placement import choose_span, effective_throughputs, plan_move, spans_of_others, throughput_coverage
+from peers.quotas import ClientQuotas, Resource
 from peers.runner import install_stop_handlers, start_dht
 from peers.scheduler import BatchSettings
 from peers.sessions import CacheBudget
@@ -268,7 +269,15 @@ class Peer:
         )
         if self.service is None:
             self.service = BlockService(
-                self.span, limits, self.budget, config.session_idle_timeout, info, batch_settings(config)
+                self.span,
+                limits,
+                self.budget,
+                config.session_idle_timeout,
+                info,
+                batch_settings(config),
+                client_quotas(config),
+                frame_timeout=config.frame_timeout,
+                slice_tokens=config.compute_slice_tokens,
             )
             await self.service.start(await self.dht.replicate_p2p())
         else:  # moved: the same handlers now serve the new blocks
@@ -290,6 +299,7 @@ class Peer:
             max_prompt_length=c.max_prompt_length,
             max_held_tokens=c.max_held_tokens,
             train_hold_timeout=c.train_hold_timeout,
+            max_abs_value=c.max_abs_value,
         )
 
     # ---- placement (these read the DHT: they run in a thread) ----
@@ -355,6 +365,19 @@ class Peer:
 
 async def serve_peer(config: PeerConfig) -> None:
     await Peer(config).run()
+
+
+def client_quotas(config: PeerConfig) -> ClientQuotas:
+    """The per-client quotas and the memory budget of the peer's settings (peers.quotas)."""
+    per_client = {
+        Resource.STREAMS: config.max_client_streams,
+        Resource.SESSIONS: config.max_client_sessions,
+        Resource.CACHE_TOKENS: config.max_client_cache_tokens,
+        Resource.TRAINABLE_BYTES: config.max_client_trainable_bytes,
+        Resource.QUEUED_TOKENS: config.max_client_queued_tokens,
+        Resource.REQUEST_BYTES: config.max_client_request_bytes,
+    }
+    return ClientQuotas(per_client, {Resource.STREAMS: config.max_streams}, config.memory_budget)
 
 
 def batch_settings(config: PeerConfig) -> BatchSettings:

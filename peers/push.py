@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
@@ -22,6 +23,14 @@ from peers.wire import PUSH_HANDLER, ProtocolError, Step, receive_message, send_
 logger = logging.getLogger(__name__)
 INBOX_SIZE = 4  # requests queued per session (client's and pushed); further pushes are dropped, the client resends
 PUSH_CONNECT_TIMEOUT = 5.0  # seconds to open a push stream to the next peer
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """A request pushed into a session by the previous peer of its route (not sent by the session's client): a
+    malformed one is dropped alone, so that a neighbour cannot end a client's session."""
+
+    request: runtime_pb2.ExpertRequest
 
 
 def short_id(peer_id: PeerID) -> str:
@@ -98,7 +107,7 @@ class PushRouter:
                 if inbox is None:
                     continue  # that session ended (or never existed)
                 try:
-                    inbox.put_nowait(request)
+                    inbox.put_nowait(Pushed(request))
                 except asyncio.QueueFull:
                     logger.debug("a session's inbox is full: dropped a pushed step (the client resends it)")
         except Exception as e:

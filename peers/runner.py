@@ -12,6 +12,7 @@ from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 
 import peers
+from dht.budget import StorageBudget
 from dht.identity import load_or_create_identity
 from dht.node import start_dht_node
 from peers.config import DhtConfig, DhtNodeConfig
@@ -22,7 +23,24 @@ logger = logging.getLogger(__name__)
 
 def start_dht(config: DhtNodeConfig, identity_path: str, validators: list | None = None) -> DHT:
     return start_dht_node(
-        config.initial_peers, config.host_maddrs, config.announce_maddrs, identity_path, validators, client_mode=False
+        config.initial_peers,
+        config.host_maddrs,
+        config.announce_maddrs,
+        identity_path,
+        validators,
+        client_mode=False,
+        storage_budget=storage_budget(config),
+    )
+
+
+def storage_budget(config: DhtNodeConfig) -> StorageBudget:
+    return StorageBudget(
+        max_value_bytes=config.dht_max_value_bytes,
+        max_sender_values=config.dht_max_sender_values,
+        max_sender_bytes=config.dht_max_sender_bytes,
+        max_values=config.dht_max_values,
+        max_bytes=config.dht_max_bytes,
+        max_ttl=config.dht_max_ttl,
     )
 
 

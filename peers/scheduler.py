@@ -3,10 +3,11 @@
 Each iteration runs either one batch of session steps that are ready now (blocks.batching: the sessions' tokens
 share every matrix product, attention stays per session) or one solo job (a whole-sequence forward, a training
 call, a step of a session with adapters). A session's step waits only for the batch it is in, never for another
-session's generation. Batches are filled fairly (``select_batch``): round robin over clients, each client held to
-a share of the batch's tokens while others wait. Small computations run on the event loop, where a hand-off to a
-thread costs more than the step; larger ones, and every batch while other sessions are open, run on the compute
-thread so that the loop keeps reading the next steps meanwhile.
+session's generation. What runs next is fair across clients (``FairShare``: a client sending small steps is
+not kept behind another client's flood of large forwards), and batches are filled fairly (``select_batch``):
+round robin over clients, each client held to a share of the batch's tokens while others wait. Small computations
+run on the event loop, where a hand-off to a thread costs more than the step; larger ones, and every batch while
+other sessions are open, run on the compute thread so that the loop keeps reading the next steps meanwhile.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Candidate:
 def select_batch(candidates: list[Candidate], settings: BatchSettings) -> list[int]:
     """Indices of the ready steps (in arrival order) that form the next batch.
 
-    Rules: the oldest step always runs, and decides the group; only steps of its group join. Clients take turns
+    Rules: the first step (the scheduler puts the one FairShare picked first, the others follow in arrival order)
+    always runs, and decides the group; only steps of its group join. Clients take turns
     (round robin in the order they first appear), one step per turn, while the batch has room for the step's tokens
     (max_batch_tokens) and another session (max_batch_sessions). While another client still has a step of the
     group waiting, a client stops at client_share x max_batch_tokens, so one client cannot fill every batch.
@@ -90,6 +92,44 @@ def select_batch(candidates: list[Candidate], settings: BatchSettings) -> list[i
     return sorted(chosen)
 
 
+class FairShare:
+    """Start-time fair queuing over clients: which client's work runs next, so that each client with work waiting
+    gets an equal share of the compute whatever the others send.
+
+    Work is measured in cost units (tokens, weighted by kind). Each client has a finish tag: the virtual time at
+    which the work it was given so far ends; `now` is the start tag of the work picked last. A client that had
+    nothing waiting starts at `now` (idle time earns no credit). The next work is the oldest of the client whose
+    next piece would finish first (start tag + its cost), so a client sending small steps goes ahead of one whose
+    next piece is a large forward, and waits at most for the piece being computed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._finish: dict[str, float] = {}
+
+    def start_tag(self, client: str) -> float:
+        return max(self._finish.get(client, 0.0), self.now)
+
+    def pick(self, jobs: list[tuple[str, float]]) -> int:
+        """Index (into `jobs`: (client, cost) in arrival order) of the work to run next."""
+        oldest: dict[str, int] = {}
+        for i, (client, _) in enumerate(jobs):
+            oldest.setdefault(client, i)
+        return min(oldest.values(), key=lambda i: (self.start_tag(jobs[i][0]) + jobs[i][1], i))
+
+    def charge(self, costs: dict[str, float]) -> None:
+        """The work just picked: `costs` per client (one client, or the clients of a batch)."""
+        starts = {client: self.start_tag(client) for client in costs}
+        self.now = max(self.now, min(starts.values()))
+        for client, cost in costs.items():
+            self._finish[client] = starts[client] + cost
+        for client in [c for c, f in self._finish.items() if f <= self.now]:
+            del self._finish[client]  # behind virtual time: it would start at `now` anyway
+
+    @property
+    def clients(self) -> int:
+        return len(self._finish)
+
+
 @dataclass
 class _Job:
     client: str
@@ -97,6 +137,7 @@ class _Job:
     future: asyncio.Future
     check: Callable[[], None] | None
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    cost: float = 0.0  # in FairShare's units; 0: the tokens
 
 
 @dataclass
@@ -131,15 +172,24 @@ class ComputeScheduler:
         self._worker: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # held while computing, and by exclusive()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.fair = FairShare()
 
     @property
     def queue_length(self) -> int:
         return sum(not job.future.done() for job in self._pending)
 
-    async def run(self, fn: Callable[[], T], tokens: int, check: Callable[[], None] | None = None, client: str = ""):
+    async def run(
+        self,
+        fn: Callable[[], T],
+        tokens: int,
+        check: Callable[[], None] | None = None,
+        client: str = "",
+        cost: float = 0.0,
+    ):
         """`fn()` alone, when its turn comes; `check()` runs first, when the turn has come (e.g. to refuse work for
-        blocks the peer stopped serving while the request waited)."""
-        return await self._submit(_Solo(client, tokens, self._new_future(), check, fn=fn))
+        blocks the peer stopped serving while the request waited). `cost` (default: `tokens`) is what the work
+        counts for `client`'s fair share (e.g. a backward costs about three forwards of its tokens)."""
+        return await self._submit(_Solo(client, tokens, self._new_future(), check, cost=cost or tokens, fn=fn))
 
     async def step(
         self,
@@ -153,7 +203,8 @@ class ComputeScheduler:
         """A step that may share a batch with other steps of `group`: `prepare()` gives its batch input (run_batch's
         element) and runs right before the batch, on the compute thread. `session` (hashable) names the session
         whose steps these are, so that the scheduler learns how soon its next step comes back."""
-        job = _Step(client, tokens, self._new_future(), check, group=group, prepare=prepare, session=session)
+        job = _Step(client, tokens, self._new_future(), check, cost=tokens, group=group, prepare=prepare)
+        job.session = session
         if session is not None:
             self._returns.arrived(session)
         return await self._submit(job)
@@ -200,7 +251,7 @@ class ComputeScheduler:
         waited for (from how long each took to come back before), so a session busy on another peer of its route
         is not waited for and pipelining across peers is kept. Bounded by batch_wait and by a quarter of the last
         batch's compute time, so waiting never costs more than a fraction of a step."""
-        if not isinstance(self._pending[0], _Step):
+        if not isinstance(self._lead(), _Step):
             return
         deadline = time.monotonic() + min(self.settings.batch_wait, 0.25 * self._last_compute)
         while True:
@@ -217,13 +268,23 @@ class ComputeScheduler:
             except TimeoutError:
                 return
 
+    def _lead(self) -> _Job:
+        """The job that runs next (FairShare over clients); a step leads a batch of its group."""
+        return self._pending[self.fair.pick([(job.client, job.cost) for job in self._pending])]
+
     def _next_jobs(self) -> list[_Job]:
-        oldest = self._pending[0]
-        if isinstance(oldest, _Solo) or self.settings.max_batch_sessions <= 1:
-            return [oldest]
-        steps = [job for job in self._pending if isinstance(job, _Step)]
-        candidates = [Candidate(job.client, job.group, job.tokens) for job in steps]
-        return [steps[i] for i in select_batch(candidates, self.settings)]
+        lead = self._lead()
+        if isinstance(lead, _Solo) or self.settings.max_batch_sessions <= 1:
+            jobs = [lead]
+        else:
+            steps = [lead] + [job for job in self._pending if isinstance(job, _Step) and job is not lead]
+            candidates = [Candidate(job.client, job.group, job.tokens) for job in steps]
+            jobs = [steps[i] for i in select_batch(candidates, self.settings)]
+        costs: collections.Counter[str] = collections.Counter()
+        for job in jobs:
+            costs[job.client] += job.cost
+        self.fair.charge(costs)
+        return jobs
 
     async def _execute(self, jobs: list[_Job]) -> None:
         runnable = []

@@ -24,7 +24,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from dht.maddrs import MaddrError
+from dht.maddrs import MaddrError, parse_host_maddrs, parse_initial_peers
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s [%(levelname)s] [%(name)s] %(message)s"
@@ -65,6 +65,17 @@ def checked_maddrs(parse: Callable[[list[str], str], list[str]], values: list[st
         return parse(values, flag)
     except MaddrError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_swarm_service(config: Any) -> None:
+    """The fields every HTTP service that joins a swarm as a DHT client has (the monitor, the API): its
+    `initial_peers` and `host_maddrs` parsed (in place) and its HTTP `port` in range."""
+    if not config.initial_peers:
+        raise ConfigError("give --initial-peers MADDR ... of any peer of the swarm")
+    config.initial_peers = checked_maddrs(parse_initial_peers, config.initial_peers, "--initial-peers")
+    config.host_maddrs = checked_maddrs(parse_host_maddrs, config.host_maddrs, "--host-maddrs")
+    if not 0 <= config.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {config.port}")
 
 
 def _base_type(tp: Any) -> Any:

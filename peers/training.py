@@ -7,6 +7,8 @@ import torch
 
 from blocks.adapters import Adapters, run_span
 from blocks.span import BlockSpan
+from peers.wire.codec import all_finite
+from peers.wire.framing import ProtocolError
 
 
 def forward_graph(
@@ -26,7 +28,11 @@ def gradients(
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. each leaf, in the wire dtype on the CPU (zeros for a leaf the output does not depend on)."""
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True)
-    return [(torch.zeros_like(v) if g is None else g).to("cpu", wire) for g, v in zip(grads, leaves, strict=True)]
+    result = [(torch.zeros_like(v) if g is None else g).to("cpu", wire) for g, v in zip(grads, leaves, strict=True)]
+    if not all(all_finite(g) for g in result):
+        # inputs within max_abs_value can still overflow in a low-precision dtype: a clear refusal, not infinities
+        raise ProtocolError("the gradients overflowed to NaN or infinity: the request's values are too large")
+    return result
 
 
 def recompute_gradients(

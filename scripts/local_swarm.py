@@ -174,9 +174,12 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--threads-per-peer", type=int, default=None)
-    parser.add_argument("peer_args", nargs=argparse.REMAINDER, help="extra swarm-peer flags after --")
-    args = parser.parse_args()
-    extra = args.peer_args[1:] if args.peer_args[:1] == ["--"] else args.peer_args
+    parser.epilog = "Extra swarm-peer flags go after --, e.g. ... MODEL --peers 2 -- --quant nf4"
+    argv = sys.argv[1:]
+    # split by hand: argparse's REMAINDER after a positional would swallow this script's own flags too
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    extra = argv[split + 1 :]
     swarm = LocalSwarm(args.model, args.peers, extra_args=extra, threads_per_peer=args.threads_per_peer)
     with swarm:
         for peer, span in zip(swarm.peers, swarm.spans, strict=True):

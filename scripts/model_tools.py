@@ -10,11 +10,13 @@ import argparse
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -79,6 +81,41 @@ def make_random_checkpoint(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+# A minimal chat template (the tiny tokenizer's, and the demo's --chat-template): role headers, </s> after each turn.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def save_tiny_tokenizer(path: str | Path, vocab_size: int = TINY["vocab_size"]) -> PreTrainedTokenizerFast:
+    """Save a byte-level BPE tokenizer with a chat template next to a checkpoint made by make_random_checkpoint:
+    trained here on a fixed text (nothing downloaded); ids 0, 1, 2 are <unk>, <s>, </s>, as LlamaConfig expects."""
+    text = " ".join(
+        f"{cls.__name__}: {cls.__doc__}" for cls in (str, list, dict, set, tuple, int, float, bytes, range, object)
+    )
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(path)
+    return tokenizer
 
 
 def main() -> None:

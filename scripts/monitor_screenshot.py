@@ -9,10 +9,8 @@ lets it collect some history, and saves what headless Chromium shows. Also the b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from local_swarm import LocalSwarm  # noqa: E402
 from model_tools import make_random_checkpoint  # noqa: E402
+from service_process import ServiceProcess  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -71,60 +70,16 @@ def headless_chromium(width: int = 1280, height: int = 900, env: dict[str, str] 
     return driver
 
 
-class MonitorProcess:
+class MonitorProcess(ServiceProcess):
     """A `swarm-monitor` subprocess (python -m swarm.monitor) on 127.0.0.1 with a free port."""
 
     def __init__(self, initial_peers: list[str], workdir: Path, args: list[str] | None = None):
-        self.ready_file = workdir / "monitor.ready.json"
-        self.log_file = workdir / "monitor.log"
         self.db_path = workdir / "monitor.sqlite3"
-        self.args = [
-            sys.executable,
-            "-m",
-            "swarm.monitor",
-            "--initial-peers",
-            *initial_peers,
-            "--host-maddrs",
-            "/ip4/127.0.0.1/tcp/0",
-            "--port",
-            "0",
-            "--ready-file",
-            str(self.ready_file),
-            "--db-path",
-            str(self.db_path),
-            *(args or []),
-        ]
-        self.process: subprocess.Popen | None = None
-        self.url = ""
-
-    def start(self) -> MonitorProcess:
-        self.ready_file.unlink(missing_ok=True)
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO
-            )
-        return self
+        cli = ["--initial-peers", *initial_peers, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--port", "0"]
+        super().__init__("swarm.monitor", "monitor", workdir, [*cli, "--db-path", str(self.db_path), *(args or [])])
 
     def wait_ready(self, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready_file.exists():
-                self.url = json.loads(self.ready_file.read_text())["url"]
-                return self.url
-            if self.process.poll() is not None:
-                raise RuntimeError(f"monitor exited with {self.process.returncode}:\n{self.log_file.read_text()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"monitor not ready after {timeout:.0f} s:\n{self.log_file.read_text()}")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return None if self.process is None else self.process.returncode
+        return super().wait_ready(timeout)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "NoRouteError": "swarm.routing",
     "PeerError": "swarm.transport",
     "GenerationDriftError": "swarm.remote_cache",
+    "VerificationError": "swarm.verification",
 }
 __all__ = [
     "AutoDistributedModelForCausalLM",
@@ -28,6 +29,7 @@ __all__ = [
     "GenerationDriftError",
     "NoRouteError",
     "PeerError",
+    "VerificationError",
 ]
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from swarm.remote_cache import GenerationDriftError
     from swarm.routing import NoRouteError
     from swarm.transport import PeerError
+    from swarm.verification import VerificationError
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from swarm.failover import Failover
 from swarm.health import PeerHealth
 from swarm.planner import RoutePlanner
 from swarm.routing import RouteSpan
+from swarm.spot_checks import SpotChecker, raise_for
 from swarm.swarm_view import SwarmView
 from swarm.transport import PeerError, TrainCall, call_backward, call_forward
 
@@ -63,9 +65,16 @@ class SpanCalls:
     """Chunked forward / backward calls of spans of the route, with backward failover."""
 
     def __init__(
-        self, view: SwarmView, planner: RoutePlanner, health: PeerHealth, config: ClientConfig, record: RecordExposure
+        self,
+        view: SwarmView,
+        planner: RoutePlanner,
+        health: PeerHealth,
+        config: ClientConfig,
+        record: RecordExposure,
+        checker: SpotChecker | None = None,
     ):
         self.view, self.planner, self.health, self.config, self.record = view, planner, health, config, record
+        self.checker = checker  # spot checks of a sampled fraction of forwards and backwards
 
     def _wire(self, hidden: torch.Tensor, adapters: Adapters) -> tuple[torch.Tensor, Adapters]:
         dtype = self.config.wire_dtype
@@ -86,19 +95,49 @@ class SpanCalls:
     def _request(self, span: RouteSpan, wire: torch.Tensor, adapters: Adapters, rows: slice) -> Forward:
         return Forward(span.start, span.end, wire[rows], adapters.rows(rows))
 
+    async def _forward_chunks(self, span: RouteSpan, wire: torch.Tensor, wire_adapters: Adapters) -> torch.Tensor:
+        """The span's output from its peer, the batch cut by max_train_tokens (async: also a spot check's)."""
+        cfg, p2p = self.config, self.view.p2p
+        chunks = chunk_slices(wire.shape[0], wire.shape[1], cfg.max_train_tokens)
+        began = time.perf_counter()
+        outputs = await asyncio.gather(
+            *(
+                call_forward(
+                    p2p, span.peer_id, self._request(span, wire, wire_adapters, rows), cfg.max_message_bytes,
+                    cfg.request_timeout,
+                )
+                for rows in chunks
+            )
+        )  # fmt: skip
+        # what the client saw of the peer's speed: its announced throughput counts only up to a multiple of it
+        self.health.observe_compute(span.peer_id, span.end - span.start, time.perf_counter() - began)
+        return torch.cat(outputs)
+
     def forward(self, span: RouteSpan, hidden: torch.Tensor, adapters: Adapters) -> torch.Tensor:
         """Blocks of `span` on its peer; no autograd here (SpanFunction wires it up)."""
         wire, wire_adapters = self._wire(hidden, adapters)
-        cfg, p2p = self.config, self.view.p2p
-        outputs = self._each_chunk(
-            hidden,
-            lambda rows: call_forward(
-                p2p, span.peer_id, self._request(span, wire, wire_adapters, rows), cfg.max_message_bytes,
-                cfg.request_timeout,
-            ),
-        )  # fmt: skip
+        output = self.view.loop.run(self._forward_chunks(span, wire, wire_adapters))
         self.record(span, hidden.shape[0] * hidden.shape[1], "forward")
-        return torch.cat(outputs).to(hidden.dtype)
+        self._check_forward(span, wire, wire_adapters, output)
+        return output.to(hidden.dtype)
+
+    def _check_forward(self, span: RouteSpan, wire: torch.Tensor, wire_adapters: Adapters, output: torch.Tensor):
+        """Spot-check a sampled forward on a replica; PeerLiedError (re-routable) if its peer was caught lying."""
+        if self.checker is None or not self.checker.sample():
+            return
+        evidence = self.checker.check_sync(
+            "forward",
+            span,
+            f"forward of {wire.shape[0]}x{wire.shape[1]} tokens",
+            [output],
+            lambda replica: self._recompute_forward(replica, wire, wire_adapters),
+            wire.shape[1],
+            wire.shape[0] * wire.shape[1],
+        )
+        raise_for(evidence, span.peer_id, reroutable=True)
+
+    async def _recompute_forward(self, span: RouteSpan, wire: torch.Tensor, wire_adapters: Adapters):
+        return [await self._forward_chunks(span, wire, wire_adapters)]
 
     def _backward_span(
         self, span: RouteSpan, hidden: torch.Tensor, grad: torch.Tensor, adapters: Adapters
@@ -114,7 +153,47 @@ class SpanCalls:
             lambda rows: call_backward(p2p, span.peer_id, request(rows), cfg.max_message_bytes, cfg.request_timeout),
         )
         self.record(span, hidden.shape[0] * hidden.shape[1], "backward")
-        return _assemble(answers, hidden, adapters)
+        result = _assemble(answers, hidden, adapters)
+        self.check_backward(span, hidden, grad, adapters, result)
+        return result
+
+    def check_backward(
+        self, span: RouteSpan, hidden: torch.Tensor, grad: torch.Tensor, adapters: Adapters,
+        result: tuple[torch.Tensor, Adapters],
+    ) -> None:  # fmt: skip
+        """Spot-check a sampled backward (held or stateless) with a replica's stateless backward; PeerLiedError
+        (re-routable) if the span's peer was caught lying."""
+        if self.checker is None or not self.checker.sample():
+            return
+        wire, wire_adapters = self._wire(hidden, adapters)
+        wire_grad, cfg, p2p = grad.to(self.config.wire_dtype), self.config, self.view.p2p
+        chunks = chunk_slices(hidden.shape[0], hidden.shape[1], cfg.max_train_tokens)
+
+        async def recompute(replica: RouteSpan) -> list[torch.Tensor]:
+            answers = await asyncio.gather(
+                *(
+                    call_backward(
+                        p2p, replica.peer_id,
+                        Backward(span.start, span.end, wire[rows], wire_grad[rows], wire_adapters.rows(rows)),
+                        cfg.max_message_bytes, cfg.request_timeout,
+                    )
+                    for rows in chunks
+                )
+            )  # fmt: skip
+            grad_in, grads = _assemble(list(answers), hidden, adapters)
+            return [grad_in, *grads.values]
+
+        grad_in, grads = result
+        evidence = self.checker.check_sync(
+            "backward",
+            span,
+            f"backward of {hidden.shape[0]}x{hidden.shape[1]} tokens",
+            [grad_in, *grads.values],
+            recompute,
+            hidden.shape[1],
+            hidden.shape[0] * hidden.shape[1],
+        )
+        raise_for(evidence, span.peer_id, reroutable=True)
 
     def forward_held(
         self, span: RouteSpan, hidden: torch.Tensor, adapters: Adapters
@@ -138,7 +217,13 @@ class SpanCalls:
 
         outputs = self._each_chunk(hidden, call, chunks)
         self.record(span, hidden.shape[0] * hidden.shape[1], "forward")
-        return torch.cat(outputs).to(hidden.dtype), [(rows, calls[rows.start]) for rows in chunks]
+        output = torch.cat(outputs)
+        try:
+            self._check_forward(span, wire, wire_adapters, output)
+        except BaseException:
+            self.view.loop.run(asyncio.gather(*(c.close() for c in calls.values())))  # free the held graphs now
+            raise
+        return output.to(hidden.dtype), [(rows, calls[rows.start]) for rows in chunks]
 
     def backward_held(
         self, span: RouteSpan, held: list[tuple[slice, TrainCall]], hidden: torch.Tensor, grad: torch.Tensor,
@@ -218,7 +303,9 @@ class SpanFunction(torch.autograd.Function):
         result = None
         if held and all(call.held for _, call in held):
             try:
-                result = calls.backward_held(span, held, hidden, grad_output, adapters)
+                held_result = calls.backward_held(span, held, hidden, grad_output, adapters)
+                calls.check_backward(span, hidden, grad_output, adapters, held_result)
+                result = held_result
                 calls.health.succeeded(span.peer_id)
             except PeerError as e:  # e.g. the peer died since the forward: recompute elsewhere
                 logger.warning(f"backward through blocks {span.uid} on the forward's peer failed ({e}); re-routing")

@@ -27,6 +27,14 @@ class ClientConfig:
     refresh_period: float = 5.0  # background refresh of the swarm view and RTT probes every this many s; 0: off
     probe_timeout: float = 2.0  # seconds a background RTT probe to one peer may take
     max_probes: int = 64  # peers probed per background refresh (the least recently measured first)
+    # A peer counts only once it has answered: a route waits this long (s) for first probes of peers it never
+    # reached (all at once), then routes without those that have not answered; they join when they do. It bounds
+    # what announced peers that do not exist (or do not answer) can add to an opening.
+    reach_timeout: float = 1.0
+    # Throughput (tokens/s through its span) a route counts on for a peer whose compute it never measured, while
+    # it measured nobody's (afterwards: the slowest measured peer's); its announced claim counts only up to this.
+    unmeasured_throughput: float = 1.0
+    max_claim_ratio: float = 10.0  # an announced throughput counts only up to this many times what the client saw
     allowed_peers: list[str] | None = None  # peer IDs (base58) the client may route through; None: any peer
     blocked_peers: list[str] = field(default_factory=list)  # peer IDs never used, e.g. ones you do not trust
     default_rtt: float = 0.005  # assumed round trip (s) to a peer not measured yet, for latency routing
@@ -42,6 +50,17 @@ class ClientConfig:
     hold_activations: bool = True
     # blocks run on the client, never shown to a peer: k (the first and last k) or (k_first, k_last)
     local_blocks: int | tuple[int, int] = 0
+    # Spot checks (swarm.spot_checks): this fraction of each span's inference steps, whole-sequence forwards and
+    # backwards is also computed by another peer serving the same blocks with the same dtype and quantization, and
+    # the outputs compared; a peer caught lying is banned for the client's lifetime. 0 turns checks off.
+    check_rate: float = 0.05
+    check_tolerance: float | None = None  # relative tolerance; None: per dtype/quant (verification.DEFAULT_TOLERANCES)
+    check_seed: int | None = None  # seeds which work is checked (tests, benchmarks); None: unpredictable
+    unchecked_penalty: float = 0.002  # routing cost (s) of a peer no check has passed yet: checked peers first
+    suspect_penalty: float = 1.0  # routing cost (s) of a peer in an unresolved disagreement
+    # generate() outside an inference session redoes a generation this many times after a spot check caught a peer
+    # lying in it (the liar is banned by then); inside a session the VerificationError reaches the caller
+    verification_retries: int = 1
 
     def __post_init__(self) -> None:
         # Here, not when the DHT starts: a bad address is a one-line MaddrError (a ValueError) naming the field.
@@ -57,10 +76,19 @@ class ClientConfig:
                 PeerID.from_base58(peer)
             except Exception:
                 raise ValueError(f"{peer!r} is not a peer ID (base58, as in the peer's /p2p/ multiaddr)") from None
+        for name in ("reach_timeout", "unmeasured_throughput", "max_claim_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
         if self.refresh_period < 0 or self.probe_timeout <= 0 or self.max_probes < 0:
             raise ValueError("refresh_period and max_probes must be >= 0, probe_timeout > 0")
         if self.max_prefill_tokens < 1 or self.max_message_bytes < 1 or self.max_train_tokens < 1:
             raise ValueError("max_prefill_tokens, max_message_bytes and max_train_tokens must be >= 1")
+        if not 0.0 <= self.check_rate <= 1.0:
+            raise ValueError(f"check_rate must be in [0, 1], got {self.check_rate}")
+        if self.check_tolerance is not None and not 0.0 <= self.check_tolerance < 1.0:
+            raise ValueError(f"check_tolerance must be in [0, 1), got {self.check_tolerance}")
+        if self.unchecked_penalty < 0 or self.suspect_penalty < 0 or self.verification_retries < 0:
+            raise ValueError("unchecked_penalty, suspect_penalty and verification_retries must be >= 0")
         first, last = self.local_split
         if first < 0 or last < 0:
             raise ValueError(f"local_blocks must be >= 0, got {self.local_blocks}")

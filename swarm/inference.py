@@ -15,7 +15,9 @@ from privacy.exposure import ExposureLedger
 from swarm.failover import Failover
 from swarm.routing import RouteSpan
 from swarm.sequence import RemoteSequence
+from swarm.spot_checks import gather_checks, raise_for
 from swarm.transport import InferenceStream, PeerError
+from swarm.verification import Evidence
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,23 @@ class InferenceSession:
             self._step_number += 1
         number = self._step_number if push else None
         failover = Failover(self.sequence.health, self.sequence.config, f"the step at position {position}")
+        checks: list[asyncio.Task] = []  # spot checks of this step's spans, run while the chain goes on
+        try:
+            output = await self._chain(hidden, position, push, number, failover, checks)
+            evidences = await gather_checks(checks)
+        finally:
+            for task in checks:
+                task.cancel()
+        for evidence, span in evidences:
+            # The step's output (and possibly earlier ones, unchecked) came from a liar: the peers' caches and the
+            # tokens generated so far cannot be trusted. The liar is banned by now; redoing the work avoids it.
+            raise_for(evidence, span.peer_id, reroutable=False)
+        return output
+
+    async def _chain(
+        self, hidden: torch.Tensor, position: int, push: bool, number: int | None, failover: Failover,
+        checks: list[asyncio.Task],
+    ) -> torch.Tensor:  # fmt: skip
         direct = True  # the client sends stream i its input (else it should arrive pushed)
         relay_rest = False  # after a failover: no more pushes in this step (replacements were not named to anyone)
         i = 0
@@ -174,13 +193,34 @@ class InferenceSession:
                 relay_rest, direct = True, True
                 continue  # the same input, now to the replacement
             self._remember(i, hidden, position)
+            if self.sequence.checker.sample():
+                checks.append(asyncio.create_task(self._check_step(i, position, hidden.shape[1], output)))
             self.sequence.record_exposure(self.route[i], hidden.shape[0] * hidden.shape[1], "inference", self.ledger)
             self.sequence.health.succeeded(stream.peer_id)
             if not push:  # pushed answers include the upstream's time: not a round trip to this peer
                 self.sequence.health.observe_rtt(stream.peer_id, stream.last_rtt)
+                self.sequence.health.observe_compute(stream.peer_id, stream.end - stream.start, stream.last_elapsed)
             hidden = output
             i += 1
         return hidden
+
+    async def _check_step(
+        self, i: int, position: int, tokens: int, output: torch.Tensor
+    ) -> tuple[Evidence | None, RouteSpan]:
+        """Spot-check stream i's step: a replica runs a whole-sequence forward over everything the span received in
+        this session, and its last `tokens` positions must match the step's output."""
+        span, length = self.route[i], position + tokens
+        inputs = self._history[i][:, :length]
+        adapters = self.adapters.select(span.start, span.end)
+
+        async def recompute(replica: RouteSpan) -> list[torch.Tensor]:
+            full = await self.sequence.calls._forward_chunks(replica, inputs, adapters)
+            return [full[:, position:length]]
+
+        evidence = await self.sequence.checker.check(
+            "step", span, f"position {position}", [output], recompute, length, inputs.shape[0] * length
+        )
+        return evidence, span
 
     async def _recover(self, i: int, error: PeerError, position: int, failover: Failover) -> None:
         """Replace stream i after `error`; a replacement may fail too, even while replaying."""

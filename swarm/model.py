@@ -32,6 +32,7 @@ from swarm.inference import InferenceSession
 from swarm.remote_cache import RemoteCache, StepCheck
 from swarm.sequence import RemoteSequence
 from swarm.tuning import ClientTuning
+from swarm.verification import VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +283,18 @@ class DistributedCausalLMMixin:
         new_tokens = gen_config.max_new_tokens
         max_length = inputs.shape[1] + new_tokens if new_tokens is not None else gen_config.max_length
         batch = inputs.shape[0] * (gen_config.num_return_sequences or 1)
-        with self.inference_session(max_length=max_length, batch_size=batch) as session:
-            return self._generate_in_session(session, inputs, *args, **kwargs)
+        retries = self.model.sequence.config.verification_retries
+        while True:
+            try:
+                with self.inference_session(max_length=max_length, batch_size=batch) as session:
+                    return self._generate_in_session(session, inputs, *args, **kwargs)
+            except VerificationError as e:
+                # A spot check caught a peer lying: everything this session computed is suspect. The liar is banned
+                # now, so a fresh session avoids it (an unresolved disagreement is not retried: no one was banned).
+                if retries == 0 or e.evidence.liar is None:
+                    raise
+                retries -= 1
+                logger.warning(f"generation redone without the peer caught lying ({e.evidence.liar})")
 
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor, *args: Any, **kwargs: Any):
         if inputs.ndim != 2:

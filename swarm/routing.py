@@ -7,6 +7,7 @@ over replicas by throughput; `fewest_hops_route` is the plain hop-count search a
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -49,6 +50,8 @@ class PeerSpan:
     throughput: float
     cache_tokens_left: int
     max_length: int
+    dtype: str = "float32"  # compute dtype and weight quantization: spot checks compare only like with like
+    quant: str = "none"
 
 
 @dataclass
@@ -63,12 +66,28 @@ class SwarmSnapshot:
         state are ignored until they expire)."""
         peers = {
             peer_id: PeerSpan(
-                peer_id, a.start, a.end, a.record.throughput, a.record.cache_tokens_left, a.record.max_length
+                peer_id,
+                a.start,
+                a.end,
+                a.record.throughput,
+                a.record.cache_tokens_left,
+                a.record.max_length,
+                a.record.dtype,
+                a.record.quant,
             )
             for peer_id, a in peer_announcements(servers).items()
             if a.state == "online"
         }
         return cls(num_blocks, peers)
+
+    def with_throughputs(self, throughputs: Mapping[PeerID, float]) -> SwarmSnapshot:
+        """The same swarm with the throughputs a route search may count on (see `routing_throughputs`) in place of
+        the announced ones; peers missing from `throughputs` keep theirs."""
+        peers = {
+            peer_id: dataclasses.replace(p, throughput=throughputs[peer_id]) if peer_id in throughputs else p
+            for peer_id, p in self.peers.items()
+        }
+        return SwarmSnapshot(self.num_blocks, peers)
 
     def uncovered(self, start: int, end: int, exclude: Collection[PeerID] = (), min_length: int = 1) -> list[int]:
         """Blocks in [start, end) that no peer outside `exclude` with max_length >= min_length serves."""
@@ -143,13 +162,16 @@ def min_latency_route(
     min_length: int = 1,
     tokens_needed: int = 0,
     full_cache_penalty: float = 1.0,
+    penalty: Mapping[PeerID, float] | None = None,
 ) -> list[RouteSpan]:
     """The route with the least expected time per generated token (shortest path over block positions).
 
     A hop through peer p over blocks [a, b) costs p's round-trip time as this client measured it (`default_rtt`
     until measured) plus its compute time for those blocks, estimated from its announced throughput (tokens/s over
-    its whole span); a peer whose announced free cache is below `tokens_needed` costs `full_cache_penalty` more.
+    its whole span); a peer whose announced free cache is below `tokens_needed` costs `full_cache_penalty` more,
+    and each peer `penalty[peer]` more (spot checks: peers without a record of passed checks cost a little more).
     """
+    penalty = penalty or {}
     usable = [p for p in snapshot.peers.values() if p.peer_id not in exclude and p.max_length >= min_length]
     best: dict[int, float] = {start: 0.0}
     came_from: dict[int, RouteSpan] = {}
@@ -165,8 +187,9 @@ def min_latency_route(
                 continue
             reach = min(p.end, end)
             compute = (reach - position) / (max(p.throughput, 1e-6) * (p.end - p.start))
-            penalty = full_cache_penalty if p.cache_tokens_left < tokens_needed else 0.0
-            new_cost = cost + rtt.get(p.peer_id, default_rtt) + compute + penalty
+            extra = full_cache_penalty if p.cache_tokens_left < tokens_needed else 0.0
+            extra += penalty.get(p.peer_id, 0.0)
+            new_cost = cost + rtt.get(p.peer_id, default_rtt) + compute + extra
             if new_cost < best.get(reach, math.inf):
                 best[reach] = new_cost
                 came_from[reach] = RouteSpan(p.peer_id, position, reach)
@@ -203,3 +226,75 @@ def throughput_weighted_route(
         route.append(RouteSpan(chosen.peer_id, position, min(chosen.end, end)))
         position = min(chosen.end, end)
     return route
+
+
+# ---- claims count only after they are observed ----
+
+
+def observed_block_rate(blocks: int, seconds: float) -> float:
+    """Blocks per second one call showed: `blocks` of a peer's blocks ran for one request in `seconds` of the
+    client's wall time (network included). Any request costs at least one single-token step, so this is a lower
+    bound of the peer's decode speed; divided by the peer's span length it is in the unit of the announced
+    throughput (tokens/s through the whole span)."""
+    return blocks / max(seconds, 1e-9)
+
+
+def effective_throughput(
+    claimed: float, measured: float | None, reached: bool, default: float, max_claim_ratio: float
+) -> float:
+    """The throughput a route search counts on for one peer, given what it announced and what the client saw.
+
+    - A peer never reached, or reached but never measured: ``min(claimed, default)``. Its claim is only a claim;
+      `default` is conservative (see `routing_throughputs`), so an unobserved peer never outranks observed ones.
+    - A measured peer: ``min(claimed, max_claim_ratio * measured)``. The measurement is a lower bound (it includes
+      the network), so an honest claim is usually a small multiple of it; a claim more than `max_claim_ratio`
+      times what the client observed is capped there.
+    """
+    if not reached or measured is None:
+        return min(claimed, default)
+    return min(claimed, max_claim_ratio * measured)
+
+
+def measured_throughputs(snapshot: SwarmSnapshot, block_rates: Mapping[PeerID, float]) -> dict[PeerID, float]:
+    """Best observed block rate of each peer of the snapshot, as tokens/s through its current span."""
+    return {
+        peer_id: block_rates[peer_id] / (p.end - p.start)
+        for peer_id, p in snapshot.peers.items()
+        if peer_id in block_rates
+    }
+
+
+def routing_throughputs(
+    snapshot: SwarmSnapshot,
+    block_rates: Mapping[PeerID, float],
+    reached: Collection[PeerID],
+    fallback: float,
+    max_claim_ratio: float,
+) -> dict[PeerID, float]:
+    """`effective_throughput` of every peer of the snapshot. The default for unmeasured peers is the lowest
+    effective throughput among the measured ones (an unobserved peer is assumed no better than the worst peer
+    observed), or `fallback` while none is measured."""
+    measured = measured_throughputs(snapshot, block_rates)
+    observed = [
+        effective_throughput(p.throughput, measured[peer_id], True, math.inf, max_claim_ratio)
+        for peer_id, p in snapshot.peers.items()
+        if peer_id in measured and peer_id in reached
+    ]
+    default = min(observed) if observed else fallback
+    return {
+        peer_id: effective_throughput(p.throughput, measured.get(peer_id), peer_id in reached, default, max_claim_ratio)
+        for peer_id, p in snapshot.peers.items()
+    }
+
+
+def capped_claims(
+    snapshot: SwarmSnapshot, block_rates: Mapping[PeerID, float], max_claim_ratio: float
+) -> dict[PeerID, tuple[float, float]]:
+    """Peers whose announced throughput exceeds `max_claim_ratio` times what the client measured:
+    peer -> (claimed, measured), both in tokens/s through the peer's span."""
+    measured = measured_throughputs(snapshot, block_rates)
+    return {
+        peer_id: (snapshot.peers[peer_id].throughput, rate)
+        for peer_id, rate in measured.items()
+        if snapshot.peers[peer_id].throughput > max_claim_ratio * rate
+    }

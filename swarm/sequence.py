@@ -14,6 +14,7 @@ from swarm.failover import Failover
 from swarm.health import PeerHealth
 from swarm.planner import RoutePlanner, RoutePolicy
 from swarm.routing import RouteSpan
+from swarm.spot_checks import SpotChecker
 from swarm.swarm_view import SwarmView
 from swarm.transport import PeerError
 
@@ -23,7 +24,8 @@ class RemoteSequence:
     (the rest, if any, run on the client: ClientConfig.local_blocks).
 
     Its parts: `view` (DHT, P2P, snapshots, background refresh), `health` (bans, RTTs), `planner` (routes) and
-    `calls` (forward / backward RPCs per span); `ledger` records which peer saw which activations.
+    `calls` (forward / backward RPCs per span), `checker` (spot checks of peers' outputs, with every peer's record);
+    `ledger` records which peer saw which activations.
     """
 
     def __init__(
@@ -37,7 +39,11 @@ class RemoteSequence:
         self.health = PeerHealth(config)
         self.view = SwarmView(config, prefix, num_blocks, self.health)
         self.planner = RoutePlanner(self.view, self.health, config)
-        self.calls = SpanCalls(self.view, self.planner, self.health, config, self.record_exposure)
+        # spot checks of peers' outputs (ClientConfig.check_rate); routes prefer peers that passed checks
+        self.checker = SpotChecker(self.view, self.planner, self.health, config, self.record_exposure)
+        if config.check_rate > 0:
+            self.planner.penalties = self.checker.penalties
+        self.calls = SpanCalls(self.view, self.planner, self.health, config, self.record_exposure, self.checker)
         self.p2p, self.loop, self.dht = self.view.p2p, self.view.loop, self.view.dht
 
     def make_route(

@@ -54,6 +54,23 @@ class PeerError(RuntimeError):
         super().__init__(f"peer {peer_id}: {message}")
 
 
+class PeerUnreachableError(PeerError):
+    """Not even a stream to the peer could be opened: no route to its ID (e.g. a record of a peer that does not
+    exist), the dial failed, or it timed out. The peer is kept out of routes until it answers a probe."""
+
+
+async def open_stream(
+    p2p: P2P, peer_id: PeerID, handler: str, timeout: float
+) -> tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new stream to `peer_id`'s `handler`; PeerUnreachableError if it cannot be opened within `timeout`."""
+    try:
+        return await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, handler), timeout)
+    except TimeoutError:
+        raise PeerUnreachableError(peer_id, "cannot be reached: timed out") from None
+    except Exception as e:
+        raise PeerUnreachableError(peer_id, f"cannot be reached: {type(e).__name__}: {e}") from e
+
+
 class LoopThread:
     """An asyncio event loop for the client's network I/O, running in a daemon thread.
 
@@ -114,6 +131,7 @@ class InferenceStream:
         self.p2p, self.peer_id, self.start, self.end = p2p, peer_id, start, end
         self.max_bytes, self.timeout = max_bytes, timeout
         self.last_rtt = 0.0  # network part of the last step's round trip (s)
+        self.last_elapsed = 0.0  # the whole last step as the client saw it, compute included (s)
         self.push_token: str | None = None  # lets the previous peer of a route push steps into this session
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -129,9 +147,8 @@ class InferenceStream:
     async def open(self, max_length: int, batch: int, connect_timeout: float, adapters: Adapters) -> None:
         """Open the session; `adapters` (for these blocks) apply to all its steps."""
         try:
-            _, self._reader, self._writer = await asyncio.wait_for(
-                self.p2p.call_binary_stream_handler(self.peer_id, INFERENCE_HANDLER), connect_timeout
-            )
+            opened = await open_stream(self.p2p, self.peer_id, INFERENCE_HANDLER, connect_timeout)
+            _, self._reader, self._writer = opened
             opening = OpenSession(self.start, self.end, max_length, batch, adapters)
             await send_message(opening.encode(), self._writer)
             self._reading = asyncio.create_task(self._read_replies())
@@ -148,7 +165,7 @@ class InferenceStream:
             sent = Step(hidden, position)
             await send_message(sent.encode(), self._writer)
             reply = StepReply.decode(await self._next_reply(self.timeout), sent)
-            elapsed = time.perf_counter() - began
+            elapsed = self.last_elapsed = time.perf_counter() - began
             # A compute time longer than the round trip is a bad report: it only makes our estimate pessimistic.
             self.last_rtt = elapsed - (reply.compute_s if reply.compute_s <= elapsed else 0.0)
             return reply.hidden
@@ -255,7 +272,7 @@ async def _call_once(
     """One request on a fresh stream -> its answer."""
     writer = None
     try:
-        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, handler), timeout)
+        _, reader, writer = await open_stream(p2p, peer_id, handler, timeout)
         try:
             await send_message(request, writer)
         except ConnectionError:
@@ -289,9 +306,7 @@ class TrainCall:
     async def forward(self, request: Forward) -> torch.Tensor:
         try:
             self._loop = asyncio.get_running_loop()
-            _, self._reader, self._writer = await asyncio.wait_for(
-                self.p2p.call_binary_stream_handler(self.peer_id, TRAIN_HANDLER), self.timeout
-            )
+            _, self._reader, self._writer = await open_stream(self.p2p, self.peer_id, TRAIN_HANDLER, self.timeout)
             await send_message(request.encode(), self._writer)
             reply = ForwardReply.decode(await self._receive(), request)
         except Exception as e:

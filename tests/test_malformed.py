@@ -7,12 +7,24 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import start_swarm
+from conftest import start_swarm, wait_until
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from blocks.adapters import Adapters
-from peers.wire import FORWARD_HANDLER, INFERENCE_HANDLER, Forward, receive_message
+from peers.wire import (
+    BACKWARD_HANDLER,
+    FORWARD_HANDLER,
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PUSH_HANDLER,
+    Backward,
+    Forward,
+    PeerInfo,
+    Step,
+    encode_tensor,
+    receive_message,
+)
 from peers.wire.codec import encode_metadata
 from swarm import AutoDistributedModelForCausalLM, PeerError
 from swarm.transport import InferenceStream, call_forward
@@ -226,3 +238,81 @@ def test_session_metadata_must_be_well_typed(guarded):
     assert "'max_length' must be an integer, got str" in opening({"max_length": "8", "batch": 1})
     assert "'batch' must be an integer, got bool" in opening({"max_length": 8, "batch": True})
     assert "'batch' is required" in opening({"max_length": 8})
+
+
+def _push_raw(guarded, data: bytes) -> None:
+    """Write raw bytes to the peer's push handler, as a neighbour of a route would, and close the stream."""
+    seq, peer = _ctx(guarded)
+
+    async def push() -> None:
+        _, _, writer = await seq.p2p.call_binary_stream_handler(peer, PUSH_HANDLER)
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+
+    seq.loop.run(push())
+
+
+def _frame(request: runtime_pb2.ExpertRequest) -> bytes:
+    payload = request.SerializeToString()
+    return b"\x00" + len(payload).to_bytes(8, "big") + payload
+
+
+def test_bad_pushes_are_dropped_alone(guarded):
+    """A neighbour that knows a session's push token and pushes malformed steps does not end that session."""
+    stream = open_stream(guarded, max_length=16)
+    try:
+        token = stream.push_token
+        hidden = torch.randn(1, 2, HIDDEN)
+        bad = [
+            Step(torch.randn(1, 2, HIDDEN + 1), 0, 1).encode(token),  # wrong hidden size
+            Step(torch.full((1, 2, HIDDEN), float("nan")), 0, 2).encode(token),
+            Step(hidden, 9, 3).encode(token),  # beyond the session's cache
+            Step(torch.randn(3, 2, HIDDEN), 0, 4).encode(token),  # another batch size
+            runtime_pb2.ExpertRequest(uid=token, metadata=b"\xc1"),  # metadata that is not msgpack
+        ]
+        before = _stats(guarded)["refused_pushes"]
+        for i, request in enumerate(bad, 1):
+            _push_raw(guarded, _frame(request))
+            wait_until(lambda i=i: _stats(guarded)["refused_pushes"] >= before + i, f"bad push {i} refused")
+        # each was dropped alone: the session goes on
+        out = step(guarded, stream, hidden, 0)
+        assert out.shape == hidden.shape
+        assert step(guarded, stream, torch.randn(1, 1, HIDDEN), 2).shape == (1, 1, HIDDEN)
+    finally:
+        close(guarded, stream)
+
+
+def test_digits_of_other_scripts_and_corrupt_error_frames_are_clear_errors(guarded):
+    # superscripts pass str.isdigit() but not int(): a clear error, not an internal one
+    for uid in ("\u00b2:\u00b3", "0:\u2074", "\u0660:\u0664"):
+        with pytest.raises(PeerError, match="span must look like"):
+            forward(guarded, torch.randn(1, 3, HIDDEN), uid)
+    # an error frame whose payload is not an RPCError
+    corrupt = b"\x01" + (3).to_bytes(8, "big") + b"\xff\xff\xff"
+    assert "not a valid RPCError" in first_answer(guarded, FORWARD_HANDLER, corrupt)
+
+
+def test_backward_refuses_unnamed_tensors_and_huge_gradients(guarded):
+    hidden = torch.randn(1, 3, HIDDEN)
+
+    def backward(request: runtime_pb2.ExpertRequest) -> str:
+        return first_answer(guarded, BACKWARD_HANDLER, _frame(request))
+
+    extra = Backward(0, 4, hidden, torch.randn(1, 3, HIDDEN)).encode()
+    extra.tensors.append(encode_tensor(torch.randn(4)))
+    assert "0 adapter names for 1 adapter tensors" in backward(extra)
+    huge = Backward(0, 4, hidden, torch.full((1, 3, HIDDEN), 3e38)).encode()
+    assert "output gradients contain values beyond" in backward(huge)
+    assert "hidden states contain values beyond" in backward(Backward(0, 4, hidden * 1e20, hidden).encode())
+    ok = backward(Backward(0, 4, hidden, torch.randn(1, 3, HIDDEN)).encode())
+    assert ok == "no error"
+    assert _stats(guarded)["internal_errors"] == 0
+
+
+def _stats(guarded) -> dict[str, float]:
+    seq, peer = _ctx(guarded)
+    reply = seq.loop.run(
+        seq.p2p.call_protobuf_handler(peer, INFO_HANDLER, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo)
+    )
+    return PeerInfo.decode(reply).stats

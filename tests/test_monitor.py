@@ -4,6 +4,7 @@ metrics, and in headless Chromium."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -50,6 +52,7 @@ from swarm.monitor.state import (
     group_by_peer,
     is_healthy,
     peer_histories,
+    reported_count,
     resolve_models,
     state_json,
 )
@@ -71,10 +74,23 @@ def entry(prefix: str, num_blocks: int, peer: bytes = b"peer") -> ModelEntry:
     return ModelEntry(PeerID(peer), model_record(prefix, num_blocks), 1e12)
 
 
-def view(peer: str, blocks: tuple[int, ...], state: str = "online", rtt: float | None = 0.01, **kw: Any) -> PeerView:
+def view(
+    peer: str,
+    blocks: tuple[int, ...],
+    state: str = "online",
+    rtt: float | None = 0.01,
+    batch: int = 1,
+    queue: int = 0,
+    probed: bool = True,
+    **kw: Any,
+) -> PeerView:
+    """A listed peer; its probe answered (rtt), failed (rtt None: no batching state either), or was not made."""
     rec = record(min(blocks), max(blocks) + 1, **kw)
-    probe = Probe(rtt, "direct" if rtt is not None else None, None if rtt is not None else "timed out")
-    return PeerView(PeerID(peer.encode()).to_base58(), rec, blocks, 1e9, state, probe)
+    if rtt is not None:
+        probe = Probe(rtt, "direct", None, batch_sessions=batch, queue_length=queue)
+    else:
+        probe = Probe(None, None, "timed out", batch_sessions=None, queue_length=None)
+    return PeerView(PeerID(peer.encode()).to_base58(), rec, blocks, 1e9, state, probe if probed else None)
 
 
 # ---- pure functions ----
@@ -115,8 +131,10 @@ def test_group_by_peer_coverage_gaps_and_health():
 
 
 def test_effective_state_and_connection_kind():
-    assert effective_state("online", Probe(0.01, "direct")) == "online"
-    assert effective_state("online", Probe(None, None, "timed out")) == "unreachable"
+    assert effective_state("online", Probe(0.01, "direct", None, batch_sessions=1, queue_length=0)) == "online"
+    assert effective_state("online", Probe(None, None, "timed out", batch_sessions=None, queue_length=None)) == (
+        "unreachable"
+    )
     assert effective_state("online", None) == "online"  # not probed (beyond --max-peers)
     assert effective_state("offline", None) == "offline" and effective_state("joining", None) == "joining"
     with pytest.raises(ValueError):
@@ -125,6 +143,50 @@ def test_effective_state_and_connection_kind():
     assert connection_kind(["/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit"]) == "relayed"
     assert connection_kind(["/ip4/1.2.3.4/tcp/5/p2p/QmR/p2p-circuit", "/ip4/5.6.7.8/tcp/1"]) == "direct"
     assert connection_kind([]) is None
+
+
+def test_reported_counts_are_non_negative_ints_or_none():
+    assert [reported_count(v) for v in (0, 7, 2**40)] == [0, 7, 2**40]
+    assert [reported_count(v) for v in (-1, True, False, 1.0, "3", None)] == [None] * 6
+
+
+def test_probe_keeps_the_batching_state_of_the_last_successful_answer(monkeypatch):
+    from types import SimpleNamespace
+
+    from peers.wire import PeerInfo
+    from swarm.monitor import collector
+    from swarm.transport import PeerError
+
+    names = {PeerID(name.encode()): name for name in ("busy", "liar", "flaky")}
+    calls: dict[str, int] = {}
+
+    async def fake_call_info(p2p: Any, peer_id: PeerID, timeout: float) -> PeerInfo:
+        name = names[peer_id]
+        calls[name] = calls.get(name, 0) + 1
+        if name == "flaky" and calls[name] == 2:  # answered once, then timed out: the probe failed
+            raise PeerError(peer_id, "timed out")
+        info = PeerInfo("m", "m", 0, 2, "float32", "none", 64, 4, "0.1.0", None, {})
+        if name == "liar":  # not counts: kept out of the state rather than passed on
+            return replace(info, batch_sessions=-3, queue_length=True)
+        return replace(info, batch_sessions=calls[name], queue_length=10 * calls[name])
+
+    async def list_peers() -> list:
+        return [SimpleNamespace(peer_id=peer_id, addrs=["/ip4/127.0.0.1/tcp/1"]) for peer_id in names]
+
+    monitor = object.__new__(collector.Monitor)  # only what _probe_all uses: no DHT, no daemon
+    monitor.config = SimpleNamespace(probe_concurrency=2, rtt_timeout=1.0)
+    monitor.p2p = SimpleNamespace(list_peers=list_peers)
+    monkeypatch.setattr(collector, "call_info", fake_call_info)
+    probes = asyncio.run(monitor._probe_all([p.to_base58() for p in names]))
+    by_name = {names[PeerID.from_base58(peer_id)]: probe for peer_id, probe in probes.items()}
+    busy = by_name["busy"]
+    assert (busy.batch_sessions, busy.queue_length, busy.connection, busy.error) == (2, 20, "direct", None)
+    assert busy.rtt_s is not None and busy.rtt_s >= 0
+    assert (by_name["liar"].batch_sessions, by_name["liar"].queue_length) == (None, None)
+    assert by_name["liar"].rtt_s is not None  # it answered: reachable, only its counts are dropped
+    flaky = by_name["flaky"]
+    assert (flaky.rtt_s, flaky.batch_sessions, flaky.queue_length) == (None, None, None)
+    assert flaky.error is not None and "timed out" in flaky.error
 
 
 def test_uptime_and_timelines_from_history():
@@ -227,8 +289,9 @@ def test_config_flags_env_and_file(tmp_path, monkeypatch):
 
 def synthetic_snapshot() -> Snapshot:
     peers = [
-        view("a", (0, 1), public_name=XSS_NAME, throughput=math.inf),
+        view("a", (0, 1), batch=3, queue=5, public_name=XSS_NAME, throughput=math.inf),
         view("b", (2,), state="unreachable", rtt=None),
+        view("c", (2,), state="joining", probed=False),
     ]
     models = [
         ModelView(ModelInfo("m", 3, "llama", "m", 2), peers, block_coverage(3, peers)),
@@ -255,7 +318,9 @@ def test_state_json_matches_schema_and_metrics_agree():
     m, wanted = state["models"]
     assert m["peers"][0]["throughput"] is None and m["peers"][0]["public_name"] == XSS_NAME
     assert (m["coverage"], m["gaps"], m["healthy"], m["blocks_covered"]) == ([1, 1, 0], [[2, 3]], False, 2)
-    assert m["peer_counts"] == {"joining": 0, "online": 1, "offline": 0, "unreachable": 1}
+    assert m["peer_counts"] == {"joining": 1, "online": 1, "offline": 0, "unreachable": 1}
+    batching = [(p["state"], p["batch_sessions"], p["queue_length"]) for p in m["peers"]]
+    assert batching == [("online", 3, 5), ("unreachable", None, None), ("joining", None, None)]
     assert (wanted["num_blocks"], wanted["healthy"], wanted["history"]) == (None, False, None)
 
     snapshot = synthetic_snapshot()
@@ -267,6 +332,11 @@ def test_state_json_matches_schema_and_metrics_agree():
     assert samples[("blockswarm_peers", (("model", "m"), ("state", "unreachable")))] == 1
     assert samples[("blockswarm_monitor_scrape_duration_seconds_count", ())] == 1
     assert ("blockswarm_model_blocks", (("model", "wanted"),)) not in samples  # size unknown: no sample
+    a, b, c = ((("model", "m"), ("peer_id", PeerID(name.encode()).to_base58())) for name in "abc")
+    assert samples[("blockswarm_peer_batch_sessions", a)] == 3 and samples[("blockswarm_peer_queue_length", a)] == 5
+    for unprobed in (b, c):  # unreachable, not probed: no batching state, no sample
+        assert ("blockswarm_peer_batch_sessions", unprobed) not in samples
+        assert ("blockswarm_peer_queue_length", unprobed) not in samples
     assert "pwned" not in metrics.render().decode()  # no announced free text in the metrics
 
 
@@ -420,6 +490,8 @@ def test_json_lists_exactly_the_running_peers_and_spans(watched):
         assert peer["connection"] == "direct" and 0 < peer["rtt_s"] < RTT_TIMEOUT
         assert peer["version"] == "0.1.0" and peer["dtype"] == "float32" and peer["throughput"] > 0
         assert peer["expires_at"] > state["scrape"]["started_at"] - 1
+        for field in ("batch_sessions", "queue_length"):  # what the peer told the probe about its batching
+            assert type(peer[field]) is int and peer[field] >= 0, (field, peer[field])
     names = {p["peer_id"]: p["public_name"] for p in llama["peers"]}
     assert names == {ids["alpha"]: "alpha", ids["xss"]: XSS_NAME}
     assert state["scrape"]["error"] is None and abs(state["generated_at"] - time.time()) < 60  # UTC epoch seconds
@@ -446,6 +518,8 @@ def test_metrics_parse_and_agree_with_the_json(watched):
             assert metrics[("blockswarm_peer_throughput_tokens_per_second", peer_label)] == peer["throughput"]
             assert metrics[("blockswarm_peer_rtt_seconds", peer_label)] == peer["rtt_s"]
             assert metrics[("blockswarm_peer_cache_tokens_left", peer_label)] == peer["cache_tokens_left"]
+            assert metrics[("blockswarm_peer_batch_sessions", peer_label)] == peer["batch_sessions"]
+            assert metrics[("blockswarm_peer_queue_length", peer_label)] == peer["queue_length"]
     assert metrics[("blockswarm_monitor_scrape_duration_seconds_count", ())] >= 1
     assert metrics[("blockswarm_monitor_scrapes_total", (("result", "ok"),))] >= 1
 
@@ -478,6 +552,9 @@ def test_page_in_headless_chromium(watched):
         assert names == {"alpha", XSS_NAME}  # the announced markup is shown as text...
         assert page["injected"] == 0 and page["pwned"] is None and page["title"] == "Swarm health · blockswarm"
         assert all(row[3] == "online" for m in models.values() for row in m["rows"])
+        columns = models["tiny-llama"]["columns"]
+        batch, queue = columns.index("Batch"), columns.index("Queue")
+        assert all(row[batch].isdigit() and row[queue].isdigit() for m in models.values() for row in m["rows"])
         started = datetime.fromtimestamp(float(page["started_at"]), ZoneInfo(zone))
         hour = started.hour % 12 or 12
         assert f"{hour}:{started.minute:02d}:{started.second:02d}" in page["status"]  # the viewer's local time
@@ -497,6 +574,7 @@ const models = [...document.querySelectorAll("section.model")].map((s) => ({
   prefix: s.dataset.prefix,
   blocks: [...s.querySelectorAll(".coverage-map .block")].map(
     (b) => [Number(b.dataset.block), Number(b.dataset.count), b.classList.contains("gap")]),
+  columns: [...s.querySelectorAll("table.peers thead th")].map((th) => th.textContent),
   rows: [...s.querySelectorAll("table.peers tbody tr[data-peer-id]")].map(
     (tr) => [...tr.querySelectorAll("td")].map((td) => td.textContent)),
   history_rows: [...s.querySelectorAll("table.uptime tbody tr")].map((tr) => tr.dataset.peerId),
@@ -552,7 +630,11 @@ def test_stopped_and_killed_peers_go_offline_then_gone_and_the_model_unhealthy(w
     doomed = model_of(state, "doomed")
     assert doomed["coverage"] == [0, 0, 0, 0] and doomed["gaps"] == [[0, 4]]
 
-    state = watched.wait_for(lambda s: not model_of(s, "doomed")["peers"], "the dead peers' records expired")
+    # a peer stores its registry entry after its block records, with the same TTL: it may outlive them a little
+    state = watched.wait_for(
+        lambda s: not model_of(s, "doomed")["peers"] and model_of(s, "doomed")["registered_by"] == 0,
+        "the dead peers' block records and registry entries expired",
+    )
     doomed = model_of(state, "doomed")  # still listed: the monitor remembers the model and its size
     assert (doomed["num_blocks"], doomed["healthy"], doomed["registered_by"]) == (4, False, 0)
     uptimes = {p["peer_id"]: p["uptime"] for p in doomed["history"]["peers"]}

@@ -67,6 +67,17 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def within(tensor: torch.Tensor, bound: float) -> bool:
+    """Every value in [-bound, bound]; False for NaN and infinities too (min/max propagate NaN), in one pass each
+    of min and max, no temporary copy."""
+    bound = min(bound, torch.finfo(tensor.dtype).max)  # a bound beyond the dtype's range would compare to inf
+    if tensor.dtype in (torch.float32, torch.float16) and tensor.device.type == "cpu":
+        array = tensor.detach().numpy()
+        return bool(array.max() <= bound) and bool(array.min() >= -bound)
+    low, high = torch.aminmax(tensor.detach())
+    return bool(high <= bound) and bool(low >= -bound)
+
+
 def encode_metadata(metadata: dict[str, Any]) -> bytes:
     return msgpack.packb(metadata, use_bin_type=True)
 

@@ -4,6 +4,7 @@ larger than the receiver's byte limit is refused *before* it is read. Errors of 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
@@ -41,8 +42,23 @@ async def send_error(text: str, writer: asyncio.StreamWriter) -> None:
     await send_message(RPCError(message=text), writer)
 
 
-async def receive_message(reader: asyncio.StreamReader, proto_type: type, *, max_bytes: int):
-    """Read one frame; None at a clean end of stream. Raises RemoteError for an error frame."""
+class FrameTimeoutError(ProtocolError):
+    """A frame began but did not arrive whole in time (a stalled or deliberately slow sender)."""
+
+
+async def receive_message(
+    reader: asyncio.StreamReader,
+    proto_type: type,
+    *,
+    max_bytes: int,
+    frame_timeout: float | None = None,
+    on_length: Callable[[int], None] | None = None,
+):
+    """Read one frame; None at a clean end of stream. Raises RemoteError for an error frame.
+
+    `frame_timeout`: once the frame's first byte arrived, the rest must arrive within this many seconds
+    (FrameTimeoutError). `on_length(length)` runs after the header, before the payload is read: it may refuse the
+    frame (e.g. no memory budget for it) by raising, so that a frame is never buffered before it is accounted for."""
     try:
         marker = await reader.readexactly(1)
     except asyncio.IncompleteReadError as e:
@@ -51,12 +67,24 @@ async def receive_message(reader: asyncio.StreamReader, proto_type: type, *, max
         raise
     if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
         raise ProtocolError("invalid frame marker")
-    length = int.from_bytes(await reader.readexactly(_HEADER_LEN), P2P.BYTEORDER)
-    if length > max_bytes:
-        raise MessageTooLargeError(f"message of {length} bytes exceeds the limit of {max_bytes} bytes")
-    payload = await reader.readexactly(length)
+    try:
+        async with asyncio.timeout(frame_timeout):
+            length = int.from_bytes(await reader.readexactly(_HEADER_LEN), P2P.BYTEORDER)
+            if length > max_bytes:
+                raise MessageTooLargeError(f"message of {length} bytes exceeds the limit of {max_bytes} bytes")
+            if on_length is not None:
+                on_length(length)
+            payload = await reader.readexactly(length)
+    except TimeoutError:
+        raise FrameTimeoutError(f"a frame did not arrive whole within {frame_timeout} s") from None
     if marker == P2P.ERROR_MARKER:
-        raise RemoteError(RPCError.FromString(payload).message[:MAX_ERROR_CHARS])
+        try:
+            text = RPCError.FromString(payload).message
+        except Exception:  # protobuf raises DecodeError, and others on some garbage
+            raise ProtocolError("an error frame that is not a valid RPCError") from None
+        if isinstance(text, bytes):  # a proto2 string field that is not UTF-8 comes back as bytes
+            text = text.decode("utf-8", errors="replace")
+        raise RemoteError(text[:MAX_ERROR_CHARS])
     try:
         message = proto_type.FromString(payload)
     except Exception as e:

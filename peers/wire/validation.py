@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from blocks.adapters import DEEP_PROMPTS, parse_lora_name
-from peers.wire.codec import all_finite
+from peers.wire.codec import all_finite, within
 from peers.wire.framing import ProtocolError
 
 MAX_LORA_SCALE = 1e4
@@ -32,6 +32,9 @@ class Limits:
     max_prompt_length: int
     max_held_tokens: int
     train_hold_timeout: float
+    # Largest magnitude of any value a client sends: far above real activations and gradients, far enough below
+    # float32's 3.4e38 that squares (norms) and sums stay finite; beyond it a request would compute infinities.
+    max_abs_value: float = 1e9
 
     @property
     def max_numel(self) -> int:
@@ -49,7 +52,8 @@ def check_span(start: int, end: int, limits: Limits) -> tuple[int, int]:
 
 def parse_span_uid(uid: str, limits: Limits) -> tuple[int, int]:
     parts = uid.split(":")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 9 for p in parts):
+    # isascii: str.isdigit also accepts superscripts and other scripts' digits, which int() then refuses
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
         raise ProtocolError(f"span must look like 'start:end', got {uid[:40]!r}")
     return check_span(int(parts[0]), int(parts[1]), limits)
 
@@ -67,9 +71,18 @@ def check_hidden(hidden: torch.Tensor, limits: Limits, *, batch: int | None = No
         raise ProtocolError(f"batch size {b} exceeds this peer's limit of {limits.max_batch}")
     if batch is not None and b != batch:
         raise ProtocolError(f"this session was opened with batch size {batch}, got {b}")
-    if not all_finite(hidden):
-        raise ProtocolError("hidden states contain NaN or infinite values")
+    check_values(hidden, "hidden states", limits)
     return hidden
+
+
+def check_values(tensor: torch.Tensor, what: str, limits: Limits) -> None:
+    """Finite, and no value beyond limits.max_abs_value (one pass for valid input: the range check also fails
+    on NaN and infinity; finiteness is only checked again to name the problem)."""
+    if tensor.numel() == 0 or within(tensor, limits.max_abs_value):
+        return
+    if not all_finite(tensor):
+        raise ProtocolError(f"{what} contain NaN or infinite values")
+    raise ProtocolError(f"{what} contain values beyond +-{limits.max_abs_value:g} (max_abs_value)")
 
 
 def check_forward_size(hidden: torch.Tensor, limits: Limits) -> None:
@@ -96,8 +109,7 @@ def check_backward_size(hidden: torch.Tensor, grad: torch.Tensor, limits: Limits
             f"backward of {hidden.shape[0]}x{hidden.shape[1]} tokens exceeds this peer's limit of "
             f"{limits.max_backward_tokens} tokens"
         )
-    if not all_finite(grad):
-        raise ProtocolError("output gradient contains NaN or infinite values")
+    check_values(grad, "output gradients", limits)
 
 
 def check_lora_scale(scale: Any) -> float:
@@ -144,9 +156,11 @@ def check_adapters(
             block, module, part = parsed
             if not start <= block < end:
                 raise ProtocolError(f"{name}: block {block} is not in the requested blocks [{start}, {end})")
-            lora_parts.setdefault((block, module), {})[part] = tensor
-        if not all_finite(tensor):
-            raise ProtocolError(f"{name}: contains NaN or infinite values")
+            parts = lora_parts.setdefault((block, module), {})
+            if part in parts:  # e.g. 'lora.3...' and 'lora.03...': the second would replace the first, unchecked
+                raise ProtocolError(f"{name[:40]!r}: a second LoRA {part} of block {block} {module}")
+            parts[part] = tensor
+        check_values(tensor, f"{name[:40]!r}:", limits)
         result[name] = tensor
     for (block, module), parts in lora_parts.items():
         _check_lora_pair(block, module, parts, batch, limits, linear_shape(block, module))

@@ -18,6 +18,7 @@ from hivemind.p2p import PeerID
 from dht.announce import fetch_block_servers
 from dht.models import fetch_models, registry_validator
 from dht.node import start_dht_node
+from peers.wire import PeerInfo
 from swarm.monitor.config import MonitorConfig
 from swarm.monitor.metrics import MonitorMetrics
 from swarm.monitor.state import (
@@ -34,6 +35,7 @@ from swarm.monitor.state import (
     effective_state,
     group_by_peer,
     peer_histories,
+    reported_count,
     resolve_models,
 )
 from swarm.monitor.store import HistoryStore
@@ -125,24 +127,30 @@ class Monitor:
     async def _probe_all(self, peer_ids: Iterable[str]) -> dict[str, Probe]:
         limit = asyncio.Semaphore(self.config.probe_concurrency)
 
-        async def probe(peer_id: str) -> tuple[str, float | None, str | None]:
+        async def probe(peer_id: str) -> tuple[str, float | None, str | None, PeerInfo | None]:
             async with limit:
-                rtts = []
+                rtts, answer = [], None
                 try:
                     for _ in range(PROBE_CALLS):
                         began = time.perf_counter()
-                        await call_info(self.p2p, PeerID.from_base58(peer_id), self.config.rtt_timeout)
+                        answer = await call_info(self.p2p, PeerID.from_base58(peer_id), self.config.rtt_timeout)
                         rtts.append(time.perf_counter() - began)
                 except PeerError as e:
-                    return peer_id, None, str(e)
-                return peer_id, min(rtts), None
+                    return peer_id, None, str(e), None
+                return peer_id, min(rtts), None, answer  # the batching state of the last answer: the freshest
 
         results = await asyncio.gather(*(probe(p) for p in peer_ids))
         # The addresses of the connections the probes just used: a relayed connection goes through /p2p-circuit.
         addrs = {info.peer_id.to_base58(): [str(a) for a in info.addrs] for info in await self.p2p.list_peers()}
         return {
-            peer_id: Probe(rtt, connection_kind(addrs.get(peer_id, [])) if rtt is not None else None, error)
-            for peer_id, rtt, error in results
+            peer_id: Probe(
+                rtt,
+                connection_kind(addrs.get(peer_id, [])) if rtt is not None else None,
+                error,
+                batch_sessions=reported_count(answer.batch_sessions) if answer is not None else None,
+                queue_length=reported_count(answer.queue_length) if answer is not None else None,
+            )
+            for peer_id, rtt, error, answer in results
         }
 
     def _history(self, prefix: str, now: float) -> History:

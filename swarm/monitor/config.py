@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dht.maddrs import parse_host_maddrs, parse_initial_peers
 from peers.config import DEFAULT_HOST_MADDRS
-from peers.settings import ConfigError, check_log_level, checked_maddrs, load_config, option
+from peers.settings import ConfigError, check_log_level, check_swarm_service, load_config, option
 
 
 @dataclass
@@ -32,7 +31,7 @@ class MonitorConfig:
     probe_concurrency: int = option("peers probed at the same time", default=32)
     max_models: int = option("most models shown (a registry entry costs its announcer nothing)", default=32)
     max_blocks: int = option("skip models announced with more blocks than this", default=1024)
-    max_peers: int = option("most peers shown per model (the rest are counted, not listed)", default=512)
+    max_peers: int = option("most peers shown and probed per model (the rest are not counted)", default=512)
     history_window: float = option("seconds of history shown on the page and in the API", default=6 * 3600.0)
     history_retention: float = option("seconds of history kept in the SQLite file", default=48 * 3600.0)
     history_buckets: int = option("points of the history timelines", default=72)
@@ -41,12 +40,7 @@ class MonitorConfig:
 
     def validate(self) -> MonitorConfig:
         check_log_level(self.log_level)
-        if not self.initial_peers:
-            raise ConfigError("give --initial-peers MADDR ... of any peer of the swarm")
-        self.initial_peers = checked_maddrs(parse_initial_peers, self.initial_peers, "--initial-peers")
-        self.host_maddrs = checked_maddrs(parse_host_maddrs, self.host_maddrs, "--host-maddrs")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        check_swarm_service(self)
         for name in ("scrape_period", "dht_timeout", "rtt_timeout", "history_window", "page_refresh"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")

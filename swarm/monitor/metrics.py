@@ -59,6 +59,16 @@ class SwarmCollector(Collector):
                 "Round trip of an info call from the monitor",
                 labels=["model", "peer_id"],
             ),
+            "batch": GaugeMetricFamily(
+                f"{NAMESPACE}_peer_batch_sessions",
+                "Sessions in the peer's last batched step, as it told the monitor's probe",
+                labels=["model", "peer_id"],
+            ),
+            "queue": GaugeMetricFamily(
+                f"{NAMESPACE}_peer_queue_length",
+                "Computations waiting in the peer's scheduler, as it told the monitor's probe",
+                labels=["model", "peer_id"],
+            ),
         }
         for model in snapshot.models:
             prefix = model.info.prefix
@@ -75,8 +85,13 @@ class SwarmCollector(Collector):
             for peer in model.peers:
                 m["throughput"].add_metric([prefix, peer.peer_id], peer.record.throughput)
                 m["cache"].add_metric([prefix, peer.peer_id], peer.record.cache_tokens_left)
-                if peer.probe is not None and peer.probe.rtt_s is not None:
-                    m["rtt"].add_metric([prefix, peer.peer_id], peer.probe.rtt_s)
+                probe = peer.probe
+                if probe is not None and probe.rtt_s is not None:
+                    m["rtt"].add_metric([prefix, peer.peer_id], probe.rtt_s)
+                if probe is not None and probe.batch_sessions is not None:
+                    m["batch"].add_metric([prefix, peer.peer_id], probe.batch_sessions)
+                if probe is not None and probe.queue_length is not None:
+                    m["queue"].add_metric([prefix, peer.peer_id], probe.queue_length)
         yield from m.values()
 
 

@@ -40,11 +40,20 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Probe:
-    """The monitor's own measurement of one peer: an info call's round trip, or why it failed."""
+    """The monitor's own measurement of one peer: an info call's round trip, or why it failed, and the batching
+    state the peer told in its last answer (None when the probe failed, or the peer sent a value that is not a
+    count)."""
 
     rtt_s: float | None
     connection: Connection | None
     error: str | None = None
+    batch_sessions: int | None = None  # sessions in the peer's last batched step
+    queue_length: int | None = None  # computations waiting in the peer's scheduler
+
+
+def reported_count(value: object) -> int | None:
+    """A count a peer reported about itself, if it is one (a non-negative int, not a bool); else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class ModelView:
     info: ModelInfo
     peers: list[PeerView]
     coverage: list[int]  # peers online per block
-    hidden_peers: int = 0  # peers beyond --max-peers, counted in coverage but not listed
+    hidden_peers: int = 0  # peers beyond --max-peers: neither listed nor probed, so not counted in coverage
 
 
 @dataclass(frozen=True)
@@ -196,10 +205,12 @@ def connection_kind(addrs: Iterable[str]) -> Connection | None:
 
 
 def block_coverage(num_blocks: int, peers: Iterable[PeerView]) -> list[int]:
-    """Peers online per block, counting only blocks under which a peer's record was actually found."""
+    """Peers online per block, counting only blocks under which a peer's record was actually found, and only peers
+    that answered the monitor's probe: an announcement counts once it is observed (a record of a peer that does not
+    run is unreachable; one the monitor did not probe is unknown)."""
     counts = [0] * num_blocks
     for peer in peers:
-        if peer.state == "online":
+        if peer.state == "online" and peer.probe is not None and peer.probe.rtt_s is not None:
             for block in peer.blocks:
                 if 0 <= block < num_blocks:
                     counts[block] += 1
@@ -320,6 +331,8 @@ def _peer_json(peer: PeerView) -> dict[str, Any]:
         "connection": peer.probe.connection if peer.probe else None,
         "rtt_s": peer.probe.rtt_s if peer.probe else None,
         "probe_error": peer.probe.error if peer.probe else None,
+        "batch_sessions": peer.probe.batch_sessions if peer.probe else None,
+        "queue_length": peer.probe.queue_length if peer.probe else None,
         "expires_at": peer.expires_at,
     }
 

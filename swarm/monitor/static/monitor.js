@@ -59,8 +59,13 @@
   }
 
   const PEER_COLUMNS = [
-    "Peer", "Name", "Version", "State", "Blocks", "dtype / quant", "Throughput", "Cache left", "Link", "RTT", "Record expires",
+    "Peer", "Name", "Version", "State", "Blocks", "dtype / quant", "Throughput", "Cache left", "Link", "RTT", "Batch", "Queue",
+    "Record expires",
   ];
+  const COLUMN_HELP = {
+    Batch: "sessions in the peer's last batched step, as it told the monitor's probe",
+    Queue: "computations waiting in the peer's scheduler, as it told the monitor's probe",
+  };
 
   function peerTable(model) {
     const body = el("tbody");
@@ -81,11 +86,13 @@
           cell(number(p.cache_tokens_left, 0), "num"),
           cell(p.connection),
           cell(rtt(p.rtt_s), "num"),
+          cell(number(p.batch_sessions, 0), "num"),
+          cell(number(p.queue_length, 0), "num"),
           cell(localTime(p.expires_at))
         )
       );
     }
-    const head = el("tr", {}, ...PEER_COLUMNS.map((c) => el("th", {scope: "col"}, c)));
+    const head = el("tr", {}, ...PEER_COLUMNS.map((c) => el("th", {scope: "col", title: COLUMN_HELP[c]}, c)));
     const table = el("table", {class: "peers"}, el("thead", {}, head), body);
     if (!model.peers.length) {
       body.append(el("tr", {class: "empty"}, el("td", {colspan: PEER_COLUMNS.length}, "No peer announces this model.")));

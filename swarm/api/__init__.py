@@ -1,0 +1,1 @@
+"""swarm-api: an OpenAI-compatible HTTP endpoint whose model runs in the swarm."""

@@ -1,0 +1,3 @@
+from swarm.api.cli import api_main
+
+api_main()
