@@ -47,6 +47,11 @@ class ServerRecord(pydantic.BaseModel):
     max_length: pydantic.conint(strict=True, ge=1)
     version: pydantic.constr(strict=True, max_length=64)
     public_name: Optional[pydantic.constr(strict=True, max_length=128)] = None  # noqa: UP045 (pydantic v1)
+    # Size limits of one request (PeerConfig's): clients cut their batches to them. Optional: records of peers
+    # from before they were announced still parse (clients then learn them from a refusal's error).
+    max_batch: Optional[pydantic.conint(strict=True, ge=1)] = None  # noqa: UP045 (pydantic v1)
+    max_forward_tokens: Optional[pydantic.conint(strict=True, ge=1)] = None  # noqa: UP045 (pydantic v1)
+    max_backward_tokens: Optional[pydantic.conint(strict=True, ge=1)] = None  # noqa: UP045 (pydantic v1)
 
     class Config:
         extra = pydantic.Extra.forbid

@@ -211,6 +211,9 @@ class Peer:
             max_length=config.max_length,
             version=VERSION,
             public_name=config.public_name,
+            max_batch=config.max_batch,
+            max_forward_tokens=config.max_forward_tokens,
+            max_backward_tokens=config.max_backward_tokens,
         )
         blocks = list(range(self.start, self.end))
         await self._in_thread(

@@ -8,8 +8,9 @@ before the backward, the backward goes to any peer serving those blocks through 
 carries the span's input and output gradient, and the peer recomputes the forward with autograd. Either returns
 the gradient w.r.t. the input and each adapter tensor. A failed backward is re-routed like a failed forward: if
 the replacement route splits the span over several peers, the client first re-runs the forward through all but
-the last of them to get their inputs. Batches are cut into chunks of at most `ClientConfig.max_train_tokens`
-tokens per request, sent concurrently.
+the last of them to get their inputs. Batches are cut into chunks within the size limits the peer announced and
+`ClientConfig.max_train_tokens` (swarm.limits), sent concurrently; a peer's refusal of a request over one of its
+limits is judged an error of the request where it is one (RequestTooLargeError: no ban, no failover).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import torch
+from hivemind.p2p import PeerID
 
 from blocks.adapters import DEEP_PROMPTS, Adapters, is_per_example
 from peers.wire import Backward, Forward, Gradients
@@ -28,6 +30,7 @@ from privacy.exposure import ExposureKind
 from swarm.config import ClientConfig
 from swarm.failover import Failover
 from swarm.health import PeerHealth
+from swarm.limits import RequestKind, batch_chunks, judge_refusal
 from swarm.planner import RoutePlanner
 from swarm.routing import RouteSpan
 from swarm.spot_checks import SpotChecker, raise_for
@@ -37,12 +40,6 @@ from swarm.transport import PeerError, TrainCall, call_backward, call_forward
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 RecordExposure = Callable[[RouteSpan, int, ExposureKind], None]
-
-
-def chunk_slices(batch: int, tokens: int, max_tokens: int) -> list[slice]:
-    """Consecutive slices of the batch of at most max_tokens tokens each (at least one example per slice)."""
-    per_chunk = max(1, max_tokens // tokens)
-    return [slice(i, min(i + per_chunk, batch)) for i in range(0, batch, per_chunk)]
 
 
 def _merge(adapters: Adapters, per_chunk: list[Adapters]) -> Adapters:
@@ -80,12 +77,24 @@ class SpanCalls:
         dtype = self.config.wire_dtype
         return hidden.detach().to(dtype), adapters.detach().to(dtype)
 
-    def _each_chunk(
-        self, hidden: torch.Tensor, call: Callable[[slice], Awaitable[T]], chunks: list[slice] | None = None
-    ) -> list[T]:
-        """`call(rows)` for every chunk of the batch (default: cut by max_train_tokens), concurrently."""
-        if chunks is None:
-            chunks = chunk_slices(hidden.shape[0], hidden.shape[1], self.config.max_train_tokens)
+    def _chunks(self, peer_id: PeerID, hidden: torch.Tensor, kind: RequestKind) -> list[slice]:
+        """Row slices of `hidden` for requests of `kind` to the peer, each within the limits it announced."""
+        peer = self.view.peer(peer_id)
+        return batch_chunks(hidden.shape[0], hidden.shape[1], peer, kind, self.config.max_train_tokens)
+
+    async def _judged(self, peer_id: PeerID, hidden: torch.Tensor, call: Awaitable[T]) -> T:
+        """`call`, a request on `hidden` to the peer; a refusal over one of its size limits that the request really
+        is over raises RequestTooLargeError (no PeerError: nobody is banned, nothing re-routed)."""
+        try:
+            return await call
+        except PeerError as e:
+            judged = judge_refusal(e, hidden.shape[0], hidden.shape[1], self.view.peer(peer_id))
+            if judged is e:
+                raise
+            raise judged from e
+
+    def _each_chunk(self, call: Callable[[slice], Awaitable[T]], chunks: list[slice]) -> list[T]:
+        """`call(rows)` for every chunk of the batch, concurrently."""
 
         async def run() -> list[T]:
             return await asyncio.gather(*(call(rows) for rows in chunks))
@@ -96,16 +105,16 @@ class SpanCalls:
         return Forward(span.start, span.end, wire[rows], adapters.rows(rows))
 
     async def _forward_chunks(self, span: RouteSpan, wire: torch.Tensor, wire_adapters: Adapters) -> torch.Tensor:
-        """The span's output from its peer, the batch cut by max_train_tokens (async: also a spot check's)."""
+        """The span's output from its peer, the batch cut to its limits (async: also a spot check's)."""
         cfg, p2p = self.config, self.view.p2p
-        chunks = chunk_slices(wire.shape[0], wire.shape[1], cfg.max_train_tokens)
+        chunks = self._chunks(span.peer_id, wire, "forward")
         began = time.perf_counter()
         outputs = await asyncio.gather(
             *(
-                call_forward(
+                self._judged(span.peer_id, wire[rows], call_forward(
                     p2p, span.peer_id, self._request(span, wire, wire_adapters, rows), cfg.max_message_bytes,
                     cfg.request_timeout,
-                )
+                ))
                 for rows in chunks
             )
         )  # fmt: skip
@@ -148,10 +157,11 @@ class SpanCalls:
         def request(rows: slice) -> Backward:
             return Backward(span.start, span.end, wire[rows], wire_grad[rows], wire_adapters.rows(rows))
 
-        answers = self._each_chunk(
-            hidden,
-            lambda rows: call_backward(p2p, span.peer_id, request(rows), cfg.max_message_bytes, cfg.request_timeout),
-        )
+        def call(rows: slice) -> Awaitable[Gradients]:
+            answer = call_backward(p2p, span.peer_id, request(rows), cfg.max_message_bytes, cfg.request_timeout)
+            return self._judged(span.peer_id, wire[rows], answer)
+
+        answers = self._each_chunk(call, self._chunks(span.peer_id, hidden, "backward"))
         self.record(span, hidden.shape[0] * hidden.shape[1], "backward")
         result = _assemble(answers, hidden, adapters)
         self.check_backward(span, hidden, grad, adapters, result)
@@ -167,17 +177,16 @@ class SpanCalls:
             return
         wire, wire_adapters = self._wire(hidden, adapters)
         wire_grad, cfg, p2p = grad.to(self.config.wire_dtype), self.config, self.view.p2p
-        chunks = chunk_slices(hidden.shape[0], hidden.shape[1], cfg.max_train_tokens)
 
         async def recompute(replica: RouteSpan) -> list[torch.Tensor]:
             answers = await asyncio.gather(
                 *(
-                    call_backward(
+                    self._judged(replica.peer_id, wire[rows], call_backward(
                         p2p, replica.peer_id,
                         Backward(span.start, span.end, wire[rows], wire_grad[rows], wire_adapters.rows(rows)),
                         cfg.max_message_bytes, cfg.request_timeout,
-                    )
-                    for rows in chunks
+                    ))
+                    for rows in self._chunks(replica.peer_id, hidden, "backward")
                 )
             )  # fmt: skip
             grad_in, grads = _assemble(list(answers), hidden, adapters)
@@ -202,7 +211,7 @@ class SpanCalls:
         Returns the output and each chunk's rows with its call."""
         wire, wire_adapters = self._wire(hidden, adapters)
         cfg = self.config
-        chunks = chunk_slices(hidden.shape[0], hidden.shape[1], cfg.max_train_tokens)
+        chunks = self._chunks(span.peer_id, hidden, "train")
         calls = {
             rows.start: TrainCall(self.view.p2p, span.peer_id, cfg.max_message_bytes, cfg.request_timeout)
             for rows in chunks
@@ -210,12 +219,13 @@ class SpanCalls:
 
         async def call(rows: slice) -> torch.Tensor:
             try:
-                return await calls[rows.start].forward(self._request(span, wire, wire_adapters, rows))
+                request = self._request(span, wire, wire_adapters, rows)
+                return await self._judged(span.peer_id, wire[rows], calls[rows.start].forward(request))
             except BaseException:
                 await asyncio.gather(*(c.close() for c in calls.values()))  # free what the other peers hold
                 raise
 
-        outputs = self._each_chunk(hidden, call, chunks)
+        outputs = self._each_chunk(call, chunks)
         self.record(span, hidden.shape[0] * hidden.shape[1], "forward")
         output = torch.cat(outputs)
         try:
@@ -235,12 +245,12 @@ class SpanCalls:
 
         async def call(rows: slice) -> Gradients:
             try:
-                return await calls[rows.start].backward(wire_grad[rows])
+                return await self._judged(span.peer_id, wire_grad[rows], calls[rows.start].backward(wire_grad[rows]))
             except BaseException:
                 await asyncio.gather(*(c.close() for c in calls.values()))
                 raise
 
-        answers = self._each_chunk(hidden, call, [rows for rows, _ in held])
+        answers = self._each_chunk(call, [rows for rows, _ in held])
         self.record(span, hidden.shape[0] * hidden.shape[1], "backward")
         return _assemble(answers, hidden, adapters)
 

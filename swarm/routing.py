@@ -52,6 +52,10 @@ class PeerSpan:
     max_length: int
     dtype: str = "float32"  # compute dtype and weight quantization: spot checks compare only like with like
     quant: str = "none"
+    # size limits of one request, where announced: the client cuts its batches to them (swarm.limits)
+    max_batch: int | None = None
+    max_forward_tokens: int | None = None
+    max_backward_tokens: int | None = None
 
 
 @dataclass
@@ -74,6 +78,9 @@ class SwarmSnapshot:
                 a.record.max_length,
                 a.record.dtype,
                 a.record.quant,
+                a.record.max_batch,
+                a.record.max_forward_tokens,
+                a.record.max_backward_tokens,
             )
             for peer_id, a in peer_announcements(servers).items()
             if a.state == "online"

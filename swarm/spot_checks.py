@@ -25,6 +25,7 @@ from hivemind.p2p import PeerID
 from privacy.exposure import ExposureKind
 from swarm.config import ClientConfig
 from swarm.health import PeerHealth
+from swarm.limits import RequestTooLargeError
 from swarm.planner import RoutePlanner
 from swarm.routing import PeerSpan, RouteSpan, excluded_peers
 from swarm.swarm_view import SwarmView
@@ -160,7 +161,8 @@ class SpotChecker:
         replica = RouteSpan(peer, span.start, span.end)
         try:
             outputs = await recompute(replica)
-        except PeerError as e:  # no second opinion: not evidence against anyone
+        except (PeerError, RequestTooLargeError) as e:  # no second opinion (the replica failed, or its limits are
+            # smaller than the work's sequences): not evidence against anyone
             logger.debug(f"spot check of blocks {span.uid} on {peer} failed: {e}")
             return None
         self.record(replica, tokens, "backward" if kind == "backward" else "forward")

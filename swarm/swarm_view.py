@@ -16,7 +16,7 @@ from dht.announce import fetch_block_servers
 from dht.node import start_dht_node
 from swarm.config import ClientConfig
 from swarm.health import PeerHealth
-from swarm.routing import SwarmSnapshot
+from swarm.routing import PeerSpan, SwarmSnapshot
 from swarm.transport import LoopThread, PeerError, call_info
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ class SwarmView:
             self._snapshot = SwarmSnapshot.from_servers(self.num_blocks, servers)
             self._snapshot_time = time.monotonic()
         return self._snapshot
+
+    def peer(self, peer_id: PeerID) -> PeerSpan | None:
+        """What the latest snapshot says of a peer (no DHT read: routes are planned on that snapshot)."""
+        snapshot = self._snapshot
+        return None if snapshot is None else snapshot.peers.get(peer_id)
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.config.refresh_period):

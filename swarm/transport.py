@@ -32,6 +32,7 @@ from peers.wire import (
     ForwardReply,
     Gradients,
     GradOutput,
+    LimitExceeded,
     OpenSession,
     PeerInfo,
     ProtocolError,
@@ -48,6 +49,8 @@ T = TypeVar("T")
 
 class PeerError(RuntimeError):
     """A call to one peer failed (it died, timed out, or answered with an error)."""
+
+    refusal: LimitExceeded | None = None  # the peer refused the request as over this size limit of its own
 
     def __init__(self, peer_id: PeerID, message: str):
         self.peer_id = peer_id
@@ -364,7 +367,9 @@ def as_peer_error(peer_id: PeerID, e: BaseException) -> PeerError:
     if isinstance(e, PeerError):
         return e
     if isinstance(e, RemoteError):
-        return PeerError(peer_id, f"refused the request: {e}")
+        error = PeerError(peer_id, f"refused the request: {e}")
+        error.refusal = e.refusal  # judged by the caller, which knows the request (swarm.limits.judge_refusal)
+        return error
     if isinstance(e, asyncio.TimeoutError):
         return PeerError(peer_id, "timed out")
     if isinstance(e, ProtocolError):

@@ -468,12 +468,15 @@ def test_json_lists_exactly_the_running_peers_and_spans(watched):
         "tiny-llama": {(ids["alpha"], 0, 2), (ids["xss"], 2, 4)},
         "doomed": {(ids["doomed_full"], 0, 4), (ids["doomed_half"], 0, 2)},
     }
+    # coverage counts a peer once the monitor's probe answered it: wait for a scrape that probed every listed peer
     state = watched.wait_for(
         lambda s: all(
-            peer_spans(s, prefix, only_online=False) == spans and peer_spans(s, prefix) == spans
+            peer_spans(s, prefix, only_online=False) == spans
+            and peer_spans(s, prefix) == spans
+            and all(p["rtt_s"] is not None for p in model_of(s, prefix)["peers"])
             for prefix, spans in expected.items()
         ),
-        "every started peer listed online with its span",
+        "every started peer listed online with its span and probed",
     )
     jsonschema.validate(state, SCHEMA)
     assert [m["prefix"] for m in state["models"]] == ["doomed", "tiny-llama"]  # nothing else, found via the registry
@@ -485,7 +488,7 @@ def test_json_lists_exactly_the_running_peers_and_spans(watched):
         2,
     )
     assert (llama["coverage"], llama["healthy"], llama["gaps"]) == ([1, 1, 1, 1], True, [])
-    assert (doomed["coverage"], doomed["healthy"]) == ([2, 2, 1, 1], True)
+    assert (doomed["coverage"], doomed["healthy"]) == ([2, 2, 1, 1], True), json.dumps(doomed)[:3000]
     for peer in llama["peers"] + doomed["peers"]:
         assert peer["connection"] == "direct" and 0 < peer["rtt_s"] < RTT_TIMEOUT
         assert peer["version"] == "0.1.0" and peer["dtype"] == "float32" and peer["throughput"] > 0

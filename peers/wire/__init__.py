@@ -3,6 +3,8 @@ message (``codec``) and every message as a typed value (``messages``, the protoc
 
 from peers.wire.codec import WIRE_DTYPES, decode_metadata, decode_tensor, encode_metadata, encode_tensor
 from peers.wire.framing import (
+    LIMIT_EXCEEDED,
+    LimitExceeded,
     MessageTooLargeError,
     ProtocolError,
     RemoteError,
@@ -29,12 +31,14 @@ from peers.wire.messages import (
     Step,
     StepReply,
 )
+from peers.wire.validation import request_sizes
 
 __all__ = [
     "BACKWARD_HANDLER",
     "FORWARD_HANDLER",
     "INFERENCE_HANDLER",
     "INFO_HANDLER",
+    "LIMIT_EXCEEDED",
     "PROTOCOL_VERSION",
     "PUSH_HANDLER",
     "TRAIN_HANDLER",
@@ -44,6 +48,7 @@ __all__ = [
     "ForwardReply",
     "GradOutput",
     "Gradients",
+    "LimitExceeded",
     "MessageTooLargeError",
     "OpenSession",
     "PeerInfo",
@@ -56,6 +61,7 @@ __all__ = [
     "decode_tensor",
     "encode_metadata",
     "encode_tensor",
+    "request_sizes",
     "receive_message",
     "send_error",
     "send_message",

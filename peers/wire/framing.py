@@ -4,6 +4,7 @@ larger than the receiver's byte limit is refused *before* it is read. Errors of 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 from hivemind.p2p import P2P
@@ -17,8 +18,39 @@ class ProtocolError(ValueError):
     """A request or response that breaks the protocol (bad shape, dtype, size, field...)."""
 
 
+class LimitExceeded(ProtocolError):
+    """A request over one of the peer's size limits (`setting`, a field of validation.Limits and of PeerConfig):
+    an error of the request, which smaller requests would avoid, not of the peer. Its text, which the error frame
+    carries, begins in a fixed form (LIMIT_EXCEEDED, the setting, its value, the size requested) that the other
+    side reads back with `parse`: the one definition of that form."""
+
+    def __init__(self, setting: str, limit: int, requested: int, detail: str = ""):
+        self.setting, self.limit, self.requested = setting, limit, requested
+        super().__init__(
+            f"{LIMIT_EXCEEDED}: {setting}={limit}, requested {requested}" + (f": {detail}" if detail else "")
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> LimitExceeded | None:
+        """The refusal an error text carries, or None if it is not one."""
+        match = _LIMIT_RE.match(text)
+        if match is None:
+            return None
+        setting, limit, requested, detail = match.groups()
+        return cls(setting, int(limit), int(requested), detail or "")
+
+
+LIMIT_EXCEEDED = "limit exceeded"
+_LIMIT_RE = re.compile(r"^limit exceeded: ([a-z_]{1,40})=(\d{1,18}), requested (\d{1,18})(?:: (.*))?$", re.DOTALL)
+
+
 class RemoteError(RuntimeError):
     """The other side reported an error."""
+
+    @property
+    def refusal(self) -> LimitExceeded | None:
+        """What the error says, if it refused a request over one of the sender's size limits."""
+        return LimitExceeded.parse(str(self))
 
 
 class MessageTooLargeError(ProtocolError):

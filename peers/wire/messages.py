@@ -14,6 +14,12 @@ Handlers and their exchanges (each a stream; "->" client to peer, "<-" peer to c
 - backward: -> Backward, <- Gradients (the peer recomputes the forward; nothing is kept between calls).
 - train: -> Forward, <- ForwardReply(held=...), then, if held, -> GradOutput, <- Gradients (from the held graph).
 - info (a unary protobuf call): <- PeerInfo.
+
+A refused request is answered with an error frame (hivemind's RPCError, a message only) naming the problem. One
+over a size limit of the peer (max_batch, max_length, max_forward_tokens, max_backward_tokens) is a LimitExceeded
+(framing): its message begins ``limit exceeded: <setting>=<limit>, requested <size>``, which the client reads back
+as an error of the request, not a failure of the peer. Peers announce those limits in their DHT records, and
+clients cut their batches to them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 
 from blocks.adapters import DEEP_PROMPTS, parse_lora_name
 from peers.wire.codec import all_finite, within
-from peers.wire.framing import ProtocolError
+from peers.wire.framing import LimitExceeded, ProtocolError
 
 MAX_LORA_SCALE = 1e4
 
@@ -41,6 +41,24 @@ class Limits:
         return self.max_message_bytes // 2  # the smallest wire dtype has 2-byte elements
 
 
+def request_sizes(batch: int, tokens: int) -> dict[str, int]:
+    """What each size limit (a field of Limits) measures of a request of `batch` sequences of `tokens` tokens: the
+    peer checks requests with it, the client cuts its batches and judges a peer's refusals by it."""
+    return {
+        "max_batch": batch,
+        "max_length": tokens,
+        "max_forward_tokens": batch * tokens,
+        "max_backward_tokens": batch * tokens,
+    }
+
+
+def _check_limit(setting: str, sizes: dict[str, int], limits: Limits, detail: str) -> None:
+    """LimitExceeded (its size as request_sizes measures it) if the request is over limits.<setting>."""
+    limit = getattr(limits, setting)
+    if sizes[setting] > limit:
+        raise LimitExceeded(setting, limit, sizes[setting], detail)
+
+
 def check_span(start: int, end: int, limits: Limits) -> tuple[int, int]:
     """A requested sub-span must lie inside the span this peer serves."""
     if not limits.start <= start < end <= limits.end:
@@ -67,8 +85,9 @@ def check_hidden(hidden: torch.Tensor, limits: Limits, *, batch: int | None = No
         raise ProtocolError(f"hidden size must be {limits.hidden_size}, got {h}")
     if b < 1 or t < 1:
         raise ProtocolError(f"hidden states must be non-empty, got shape {list(hidden.shape)}")
-    if b > limits.max_batch:
-        raise ProtocolError(f"batch size {b} exceeds this peer's limit of {limits.max_batch}")
+    _check_limit(
+        "max_batch", request_sizes(b, t), limits, f"batch size {b} exceeds this peer's limit of {limits.max_batch}"
+    )
     if batch is not None and b != batch:
         raise ProtocolError(f"this session was opened with batch size {batch}, got {b}")
     check_values(hidden, "hidden states", limits)
@@ -87,12 +106,13 @@ def check_values(tensor: torch.Tensor, what: str, limits: Limits) -> None:
 
 def check_forward_size(hidden: torch.Tensor, limits: Limits) -> None:
     b, t, _ = hidden.shape
-    if t > limits.max_length:
-        raise ProtocolError(f"sequence of {t} tokens exceeds this peer's max length of {limits.max_length}")
-    if b * t > limits.max_forward_tokens:
-        raise ProtocolError(
-            f"forward of {b}x{t} tokens exceeds this peer's limit of {limits.max_forward_tokens} tokens"
-        )
+    sizes = request_sizes(b, t)
+    limit = limits.max_length
+    _check_limit("max_length", sizes, limits, f"sequence of {t} tokens exceeds this peer's max length of {limit}")
+    limit = limits.max_forward_tokens
+    _check_limit(
+        "max_forward_tokens", sizes, limits, f"forward of {b}x{t} tokens exceeds this peer's limit of {limit} tokens"
+    )
 
 
 def check_backward_size(hidden: torch.Tensor, grad: torch.Tensor, limits: Limits) -> None:
@@ -104,11 +124,10 @@ def check_backward_size(hidden: torch.Tensor, grad: torch.Tensor, limits: Limits
             f"output gradient {list(grad.shape)} {grad.dtype} does not match hidden states "
             f"{list(hidden.shape)} {hidden.dtype}"
         )
-    if hidden.shape[0] * hidden.shape[1] > limits.max_backward_tokens:
-        raise ProtocolError(
-            f"backward of {hidden.shape[0]}x{hidden.shape[1]} tokens exceeds this peer's limit of "
-            f"{limits.max_backward_tokens} tokens"
-        )
+    b, t, _ = hidden.shape
+    limit = limits.max_backward_tokens
+    detail = f"backward of {b}x{t} tokens exceeds this peer's limit of {limit} tokens"
+    _check_limit("max_backward_tokens", request_sizes(b, t), limits, detail)
     check_values(grad, "output gradients", limits)
 
 
