@@ -17,12 +17,9 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from blocks.attention import SEGMENT_KV, SEGMENT_PLAN, rows_of
 from blocks.span import BlockSpan, check_cache_lengths
-
-_MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 @dataclass(frozen=True)
@@ -72,22 +69,10 @@ class SegmentCache(Cache):
 
 
 def _segment_masks(span: BlockSpan, hidden: torch.Tensor, segment: Segment, first: int, last: int) -> dict[str, Any]:
-    """The masks this session gets when it runs alone (BlockSpan.forward builds them the same way)."""
+    """The masks this session gets when it runs alone (BlockSpan.attention_masks, as BlockSpan.forward uses it)."""
     like = hidden.new_empty(segment.batch, segment.tokens, hidden.shape[-1])
     positions = torch.arange(segment.position, segment.position + segment.tokens, device=hidden.device)[None]
-    masks = {}
-    for kind, make_mask in _MASK_MAKERS.items():
-        if kind in span.layer_types[first:last]:
-            layer_idx = first + span.layer_types[first:last].index(kind)
-            masks[kind] = make_mask(
-                config=span.config,
-                inputs_embeds=like,
-                attention_mask=None,
-                cache=segment.cache,
-                position_ids=positions,
-                layer_idx=layer_idx,
-            )
-    return masks
+    return span.attention_masks(like, segment.cache, positions, first, last)
 
 
 def run_segments(

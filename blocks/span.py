@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from blocks.attention import ATTENTION
@@ -20,6 +21,7 @@ from blocks.families import family_of, layer_types
 from blocks.quantization import quantize_linear_layers
 
 logger = logging.getLogger(__name__)
+_MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 class BlockSpan(nn.Module):
@@ -59,6 +61,27 @@ class BlockSpan(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.span_config)
 
+    def attention_masks(
+        self, hidden: torch.Tensor, cache: Cache | None, positions: torch.Tensor, first: int, last: int
+    ) -> dict[str, Any]:
+        """transformers' causal (and sliding-window) masks for layers [first, last) of the span, one per kind of
+        attention they use: the one place that builds them, for a request alone and for each session of a batch
+        (blocks.batching), so both always see the same masks."""
+        masks = {}
+        for kind, make_mask in _MASK_MAKERS.items():
+            if kind in self.layer_types[first:last]:
+                # Take mask sizes from this kind's first cache layer that the request actually uses.
+                layer_idx = first + self.layer_types[first:last].index(kind)
+                masks[kind] = make_mask(
+                    config=self.config,
+                    inputs_embeds=hidden,
+                    attention_mask=None,
+                    cache=cache,
+                    position_ids=positions,
+                    layer_idx=layer_idx if cache is not None else None,
+                )
+        return masks
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -80,22 +103,7 @@ class BlockSpan(nn.Module):
         if cache is not None:
             check_cache_lengths(cache, first, last, position_offset, "before")
         positions = torch.arange(position_offset, position_offset + hidden.shape[1], device=hidden.device).unsqueeze(0)
-        masks = {}
-        for kind, make_mask in (
-            ("full_attention", create_causal_mask),
-            ("sliding_attention", create_sliding_window_causal_mask),
-        ):
-            if kind in self.layer_types[first:last]:
-                # Take mask sizes from this kind's first cache layer that the request actually uses.
-                layer_idx = first + self.layer_types[first:last].index(kind)
-                masks[kind] = make_mask(
-                    config=self.config,
-                    inputs_embeds=hidden,
-                    attention_mask=None,
-                    cache=cache,
-                    position_ids=positions,
-                    layer_idx=layer_idx if cache is not None else None,
-                )
+        masks = self.attention_masks(hidden, cache, positions, first, last)
         position_embeddings = self.rotary_emb(hidden, position_ids=positions)
         for i in range(first, last):
             hidden = self.layers[i](

@@ -22,26 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_inference import TokenTimes  # noqa: E402
 from local_swarm import LocalSwarm  # noqa: E402
 from model_tools import PRESETS, make_random_checkpoint  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.transport import call_info  # noqa: E402
-
-
-class TokenTimes(BaseStreamer):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def run_sessions(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, list[float]]:
