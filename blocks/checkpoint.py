@@ -1,7 +1,12 @@
 """Reading a Hugging Face safetensors checkpoint one block at a time.
 
 A peer that serves blocks [A, B) reads exactly the tensors of those blocks, from exactly the shard files that hold
-them; the client reads only what is not a block (embeddings, final norm, LM head).
+them; the client reads only what is not a block (embeddings, final norm, LM head, and a multimodal model's vision
+tower and projector).
+
+A multimodal checkpoint (LLaVA) is opened as a view of its language model: ``Checkpoint.config`` is the text config
+and ``Checkpoint.layout`` says where the checkpoint stores the decoder layers, so peers and every code path that
+serves a text model serve its blocks unchanged; ``Checkpoint.full_config`` keeps the whole model's config.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Multimodal model types whose language model is served by the swarm (the rest of the model runs on the client).
+MULTIMODAL_TYPES = ("llava",)
 
 
 class CheckpointError(RuntimeError):
@@ -32,10 +38,56 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class KeyLayout:
+    """Where a checkpoint stores its language model's tensors.
+
+    `layers` is the name prefix of the decoder layers (block i's tensors start with f"{layers}{i}."); `renames` maps
+    the checkpoint's prefixes of the other tensors to the names the client's modules give them (first match wins).
+    """
+
+    layers: str
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_layer_re", re.compile(rf"^{re.escape(self.layers)}(\d+)\."))
+
+    def block_of(self, tensor_name: str) -> int | None:
+        match = self._layer_re.match(tensor_name)  # type: ignore[attr-defined]
+        return int(match.group(1)) if match else None
+
+    def client_name(self, tensor_name: str) -> str:
+        for old, new in self.renames:
+            if tensor_name.startswith(old):
+                return new + tensor_name[len(old) :]
+        return tensor_name
+
+
+TEXT_LAYOUT = KeyLayout("model.layers.")
+# LLaVA as the hub's llava-hf checkpoints and transformers' save_pretrained store it (transformers renames these keys
+# on load; the table is its conversion mapping for "llava"), and as the model's own module names store it.
+LLAVA_SAVED_LAYOUT = KeyLayout(
+    "language_model.model.layers.",
+    (
+        ("language_model.lm_head.", "lm_head."),
+        ("language_model.model.", "model.language_model."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ),
+)
+LLAVA_MODULE_LAYOUT = KeyLayout("model.language_model.layers.")
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    config: PretrainedConfig
+    config: PretrainedConfig  # the language model's config (a multimodal checkpoint's text_config)
     weight_map: dict[str, str]  # tensor name -> shard file name inside `path`
+    layout: KeyLayout = TEXT_LAYOUT
+    full_config: PretrainedConfig | None = field(default=None, compare=False)  # a multimodal model's whole config
+
+    @property
+    def multimodal(self) -> bool:
+        return self.full_config is not None
 
     @property
     def num_blocks(self) -> int:
@@ -80,9 +132,11 @@ def open_checkpoint(name_or_path: str | os.PathLike, *, blocks: Iterable[int] | 
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:  # no or a bad config.json, or a model type transformers lacks
         raise CheckpointError(f"{path} is not a checkpoint directory: {_one_line(e)}") from e
-    family_of(config)  # fail early on unsupported architectures
+    text_config = language_config(config)
+    family_of(text_config)  # fail early on unsupported architectures
     weight_map = _read_weight_map(path)
-    missing = {f for f in _files_for(weight_map, blocks) if not (path / f).exists()}
+    layout = key_layout(config, weight_map)
+    missing = {f for f in _files_for(weight_map, blocks, layout) if not (path / f).exists()}
     if missing and local:
         raise CheckpointError(f"{path} lacks the files {sorted(missing)} that its index lists")
     if missing:
@@ -92,7 +146,27 @@ def open_checkpoint(name_or_path: str | os.PathLike, *, blocks: Iterable[int] | 
             raise CheckpointError(
                 f"fetching {sorted(missing)} of {name_or_path} from the hub failed: {_one_line(e)}"
             ) from e
-    return Checkpoint(path, config, weight_map)
+    return Checkpoint(path, text_config, weight_map, layout, config if text_config is not config else None)
+
+
+def language_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config of the model the swarm serves blocks of: a multimodal model's text_config, else the config."""
+    if getattr(config, "model_type", "") in MULTIMODAL_TYPES:
+        return config.text_config
+    return config
+
+
+def key_layout(config: PretrainedConfig, weight_map: dict[str, str]) -> KeyLayout:
+    """The layout of a checkpoint's tensor names: a text model's, or the one of LLaVA's two that names its layers."""
+    if getattr(config, "model_type", "") not in MULTIMODAL_TYPES:
+        return TEXT_LAYOUT
+    for layout in (LLAVA_SAVED_LAYOUT, LLAVA_MODULE_LAYOUT):
+        if any(layout.block_of(name) is not None for name in weight_map):
+            return layout
+    raise CheckpointError(
+        f"a {config.model_type} checkpoint whose tensors are named neither {LLAVA_SAVED_LAYOUT.layers}N. nor "
+        f"{LLAVA_MODULE_LAYOUT.layers}N.: no decoder layers found"
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -111,22 +185,36 @@ def _read_weight_map(path: Path) -> dict[str, str]:
     raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors is supported)")
 
 
-def block_of(tensor_name: str) -> int | None:
-    match = _LAYER_RE.match(tensor_name)
-    return int(match.group(1)) if match else None
+def block_of(tensor_name: str, layout: KeyLayout = TEXT_LAYOUT) -> int | None:
+    return layout.block_of(tensor_name)
 
 
-def _names_for(weight_map: dict[str, str], blocks: Iterable[int] | None) -> list[str]:
+def _names_for(weight_map: dict[str, str], blocks: Iterable[int] | None, layout: KeyLayout = TEXT_LAYOUT) -> list[str]:
     # Old conversions store rotary inv_freq buffers; transformers recomputes them from the config, and so do we.
     names = [name for name in weight_map if not name.endswith("rotary_emb.inv_freq")]
     if blocks is None:
-        return [name for name in names if block_of(name) is None]
+        return [name for name in names if layout.block_of(name) is None]
     wanted = set(blocks)
-    return [name for name in names if block_of(name) in wanted]
+    return [name for name in names if layout.block_of(name) in wanted]
 
 
-def _files_for(weight_map: dict[str, str], blocks: Iterable[int] | None) -> set[str]:
-    return {weight_map[name] for name in _names_for(weight_map, blocks)}
+def _files_for(weight_map: dict[str, str], blocks: Iterable[int] | None, layout: KeyLayout = TEXT_LAYOUT) -> set[str]:
+    return {weight_map[name] for name in _names_for(weight_map, blocks, layout)}
+
+
+def block_tensor_names(ckpt: Checkpoint, block: int) -> list[str]:
+    """The checkpoint's names of one decoder layer's tensors (full names, as stored)."""
+    if not 0 <= block < ckpt.num_blocks:
+        raise CheckpointError(f"block {block} is outside the model's {ckpt.num_blocks} blocks")
+    names = _names_for(ckpt.weight_map, [block], ckpt.layout)
+    if not names:
+        raise CheckpointError(f"checkpoint {ckpt.path} has no tensors for block {block}")
+    return names
+
+
+def block_prefix(ckpt: Checkpoint, block: int) -> str:
+    """What a block's tensor names start with, before the name relative to the layer."""
+    return f"{ckpt.layout.layers}{block}."
 
 
 def read_tensors(ckpt: Checkpoint, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -144,15 +232,13 @@ def read_tensors(ckpt: Checkpoint, names: list[str], dtype: torch.dtype | None) 
 
 def read_block_state(ckpt: Checkpoint, block: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """State dict of one decoder layer, keys relative to the layer (e.g. ``self_attn.q_proj.weight``)."""
-    if not 0 <= block < ckpt.num_blocks:
-        raise CheckpointError(f"block {block} is outside the model's {ckpt.num_blocks} blocks")
-    prefix = f"model.layers.{block}."
-    names = _names_for(ckpt.weight_map, [block])
-    if not names:
-        raise CheckpointError(f"checkpoint {ckpt.path} has no tensors for block {block}")
+    names = block_tensor_names(ckpt, block)
+    prefix = block_prefix(ckpt, block)
     return {name[len(prefix) :]: t for name, t in read_tensors(ckpt, names, dtype).items()}
 
 
 def read_client_state(ckpt: Checkpoint, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Everything that is not a decoder block: embeddings, final norm, LM head (full names)."""
-    return read_tensors(ckpt, _names_for(ckpt.weight_map, None), dtype)
+    """Everything that is not a decoder block: embeddings, final norm, LM head (and a multimodal model's vision
+    tower and projector), named as the client model's modules name them."""
+    state = read_tensors(ckpt, _names_for(ckpt.weight_map, None, ckpt.layout), dtype)
+    return {ckpt.layout.client_name(name): t for name, t in state.items()}

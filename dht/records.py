@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -52,6 +53,10 @@ class ServerRecord(pydantic.BaseModel):
     max_batch: Optional[pydantic.conint(strict=True, ge=1)] = None  # noqa: UP045 (pydantic v1)
     max_forward_tokens: Optional[pydantic.conint(strict=True, ge=1)] = None  # noqa: UP045 (pydantic v1)
     max_backward_tokens: Optional[pydantic.conint(strict=True, ge=1)] = None  # noqa: UP045 (pydantic v1)
+    # Fingerprint of the span's block weights as the peer's checkpoint stores them (blocks.fingerprint): clients use
+    # the peer only if it equals the one they compute for this span from their own checkpoint. Optional: records of
+    # peers from before it was announced still parse.
+    weights: Optional[pydantic.constr(strict=True, regex=r"^[0-9a-f]{32}$")] = None  # noqa: UP045 (pydantic v1)
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -158,6 +163,27 @@ def _parse_record(value: dict) -> ServerRecord:
 @functools.lru_cache(maxsize=4096)
 def _parse_record_items(items: tuple) -> ServerRecord:
     return ServerRecord.parse_obj({name: v for name, _, v in items})
+
+
+def with_weights(
+    servers: dict[int, list[BlockServer]], expected: Callable[[int, int], str | None], require: bool = False
+) -> tuple[dict[int, list[BlockServer]], set[PeerID]]:
+    """Only the entries whose record's weights fingerprint is `expected(start, end)` of the record's span; also the
+    peers dropped for announcing another one. A record that announces none (a peer from before fingerprints) is kept
+    unless `require`; peers of other weights are never used, whatever else their records say."""
+    kept: dict[int, list[BlockServer]] = {}
+    dropped: set[PeerID] = set()
+    for block, entries in servers.items():
+        kept[block] = []
+        for entry in entries:
+            announced = entry.record.weights
+            if announced is None and not require:
+                kept[block].append(entry)
+            elif announced is not None and announced == expected(entry.record.start, entry.record.end):
+                kept[block].append(entry)
+            else:
+                dropped.add(entry.peer_id)
+    return kept, dropped
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from blocks.checkpoint import Checkpoint, model_name_of, open_checkpoint
 from blocks.dtypes import DTYPES
+from blocks.fingerprint import span_fingerprint
 from blocks.quantization import weight_bytes_report
 from blocks.span import BlockSpan, load_span
 from dht.announce import announce_blocks, fetch_block_servers
@@ -84,6 +85,7 @@ class Peer:
         self.movable = config.blocks is None and config.rebalance_period > 0
         self.start, self.end = 0, 0  # the span [start, end) being served or brought up
         self.throughput = 0.0  # tokens/s through the span; 0 until measured
+        self.weights: str | None = None  # fingerprint of the span's weights (blocks.fingerprint), once known
         self.span: BlockSpan | None = None
         self.service: BlockService | None = None
         self.announced = False  # this peer's records may be in the DHT: it announces offline when it leaves
@@ -214,6 +216,7 @@ class Peer:
             max_batch=config.max_batch,
             max_forward_tokens=config.max_forward_tokens,
             max_backward_tokens=config.max_backward_tokens,
+            weights=self.weights,
         )
         blocks = list(range(self.start, self.end))
         await self._in_thread(
@@ -229,6 +232,8 @@ class Peer:
         # Now that the span is known, make sure its shards are present (fetches only those from the hub).
         ckpt = self.ckpt = await self._in_thread(lambda: open_checkpoint(config.model, blocks=range(start, end)))
         self.throughput = 0.0
+        # Announced from the first record on: clients of other weights never route to this peer.
+        self.weights = await self._in_thread(span_fingerprint, ckpt, start, end)
         await self.announce("joining")
         self.announced = True
         span = self.span = await self._in_thread(

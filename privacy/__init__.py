@@ -22,10 +22,15 @@ What limits activation exposure
     then see neither the token embeddings nor the states that feed the LM head, though intermediate states may
     still reveal the input), routing restricted to trusted peers decides who sees the rest, and the
     `ExposureLedger` records which peer saw which blocks' activations for how many tokens, so the exposure can be
-    audited, printed or saved.
+    audited, printed or saved. Local blocks do not hide the input from a peer that knows the public weights: it
+    recomputes them and inverts what it receives token by token (privacy.inversion; scripts/privacy_audit.py
+    measures it). The `privacy="noise"` client option (privacy.defence) adds noise to what is sent, calibrated
+    on it and removed from the residual stream on the way back; it does not cover the gradients that fine-tuning
+    sends back to the peers.
 """
 
 from privacy.accounting import Mechanism, PrivacyAccountant, noise_for_target_epsilon
+from privacy.defence import NoiseDefence
 from privacy.dpsgd import (
     DPSGD,
     DPConfig,
@@ -37,6 +42,13 @@ from privacy.dpsgd import (
 )
 from privacy.errors import PerExampleGradError, PrivacyBudgetExhausted, PrivacyConfigError
 from privacy.exposure import EXPOSURE_KINDS, ExposureKind, ExposureLedger, ExposureRow, split_local_blocks
+from privacy.federated_accounting import (
+    FederatedAccountant,
+    FederatedPrivacyReport,
+    client_noise_std,
+    noise_for_federated_target,
+    round_noise_multiplier,
+)
 from privacy.per_example import PerExampleParameters, per_example_parameters
 
 __all__ = [
@@ -46,18 +58,24 @@ __all__ = [
     "ExposureKind",
     "ExposureLedger",
     "ExposureRow",
+    "FederatedAccountant",
+    "FederatedPrivacyReport",
     "Mechanism",
+    "NoiseDefence",
     "PerExampleGradError",
     "PerExampleParameters",
     "PrivacyAccountant",
     "PrivacyBudgetExhausted",
     "PrivacyConfigError",
     "PrivacyReport",
+    "client_noise_std",
     "clip_per_example",
+    "noise_for_federated_target",
     "noise_for_target_epsilon",
     "per_example_norms",
     "per_example_parameters",
     "poisson_sample",
     "privatize",
+    "round_noise_multiplier",
     "split_local_blocks",
 ]

@@ -63,6 +63,7 @@ class LocalSwarm:
         self.model = str(model)
         if spans is None:
             config = json.loads((Path(model) / "config.json").read_text())
+            config = config.get("text_config", config)  # a multimodal model's blocks are its language model's
             spans = even_spans(int(config["num_hidden_layers"]), peers)
         self.spans = spans
         self.extra_args = list(extra_args or [])

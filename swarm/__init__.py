@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "AutoDistributedModelForCausalLM": "swarm.model",
+    "AutoDistributedModelForImageTextToText": "swarm.multimodal",
+    "DistributedLlavaForConditionalGeneration": "swarm.multimodal",
     "DistributedLlamaForCausalLM": "swarm.model",
     "DistributedMistralForCausalLM": "swarm.model",
     "DistributedQwen2ForCausalLM": "swarm.model",
@@ -22,8 +24,10 @@ _EXPORTS = {
 }
 __all__ = [
     "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForImageTextToText",
     "ClientConfig",
     "DistributedLlamaForCausalLM",
+    "DistributedLlavaForConditionalGeneration",
     "DistributedMistralForCausalLM",
     "DistributedQwen2ForCausalLM",
     "GenerationDriftError",
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
         DistributedMistralForCausalLM,
         DistributedQwen2ForCausalLM,
     )
+    from swarm.multimodal import AutoDistributedModelForImageTextToText, DistributedLlavaForConditionalGeneration
     from swarm.remote_cache import GenerationDriftError
     from swarm.routing import NoRouteError
     from swarm.transport import PeerError

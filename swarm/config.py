@@ -9,6 +9,7 @@ from hivemind.p2p import PeerID
 
 from blocks.dtypes import DTYPES
 from dht.maddrs import parse_host_maddrs, parse_initial_peers
+from privacy.defence import NoiseDefence, parse_privacy
 
 
 @dataclass
@@ -50,6 +51,10 @@ class ClientConfig:
     hold_activations: bool = True
     # blocks run on the client, never shown to a peer: k (the first and last k) or (k_first, k_last)
     local_blocks: int | tuple[int, int] = 0
+    # Defence of what is sent to the swarm against inversion by peers (privacy.defence; measured by
+    # scripts/privacy_audit.py): "off", "noise" (the default noise multiplier, the audit's best point), a noise
+    # multiplier > 0, or a privacy.defence.NoiseDefence
+    privacy: str | float | NoiseDefence | None = "off"
     # Spot checks (swarm.spot_checks): this fraction of each span's inference steps, whole-sequence forwards and
     # backwards is also computed by another peer serving the same blocks with the same dtype and quantization, and
     # the outputs compared; a peer caught lying is banned for the client's lifetime. 0 turns checks off.
@@ -61,6 +66,9 @@ class ClientConfig:
     # generate() outside an inference session redoes a generation this many times after a spot check caught a peer
     # lying in it (the liar is banned by then); inside a session the VerificationError reaches the caller
     verification_retries: int = 1
+    # Peers whose records announce no weights fingerprint (blocks.fingerprint; peers of earlier versions) are used
+    # unless this is set; peers announcing another fingerprint than the client computes are never used.
+    require_weights_fingerprint: bool = False
 
     def __post_init__(self) -> None:
         # Here, not when the DHT starts: a bad address is a one-line MaddrError (a ValueError) naming the field.
@@ -92,6 +100,12 @@ class ClientConfig:
         first, last = self.local_split
         if first < 0 or last < 0:
             raise ValueError(f"local_blocks must be >= 0, got {self.local_blocks}")
+        parse_privacy(self.privacy)  # a bad value raises PrivacyConfigError (a ValueError) naming the field
+
+    @property
+    def defence(self) -> NoiseDefence | None:
+        """The `privacy` option as a defence; None when off."""
+        return parse_privacy(self.privacy)
 
     @property
     def local_split(self) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from blocks.adapters import Adapters
 from peers.wire import Step
 from privacy.exposure import ExposureLedger
 from swarm.failover import Failover
+from swarm.limits import judge_refusal
 from swarm.routing import RouteSpan
 from swarm.sequence import RemoteSequence
 from swarm.spot_checks import gather_checks, raise_for
@@ -74,10 +75,19 @@ class InferenceSession:
         failover = Failover(self.sequence.health, self.sequence.config, "opening a session")
 
         def attempt(timeout: float | None) -> None:
-            self.route = self.sequence.make_route(self.max_length, timeout=timeout, tokens_needed=self._tokens_needed)
+            self.route = self.sequence.make_route(
+                self.max_length, timeout=timeout, tokens_needed=self._tokens_needed, min_batch=self.batch
+            )
             self._streams = [self._new_stream(span) for span in self.route]
             self._history = [None] * len(self._streams)
-            self.sequence.loop.run(self._open_all(self._streams))
+            try:
+                self.sequence.loop.run(self._open_all(self._streams))
+            except PeerError as e:
+                # a refusal over a size limit the session really is over: the session's error, not the peer's
+                judged = judge_refusal(e, self.batch, self.max_length, self.sequence.view.peer(e.peer_id))
+                if judged is not e:
+                    raise judged from e
+                raise
 
         try:
             failover.run(attempt)

@@ -9,6 +9,10 @@ sent, with RequestTooLargeError: an error of the request, so no peer is banned a
 A peer's refusal of a request over one of its limits (peers.wire.LimitExceeded on the wire) is judged by
 `judge_refusal`: it is the request's error only if the request really is over the limit the peer names and over
 what the peer announced for it; a peer refusing what it announced it takes has failed like any other.
+
+An inference session cannot be cut (its batch shares one KV cache per peer), so routes for it skip the peers that
+announce a max batch below the session's (`too_small_for_batch`); if only such peers serve some block, opening the
+session is refused with RequestTooLargeError naming the largest batch those blocks are served with.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Literal
 from hivemind.p2p import PeerID
 
 from peers.wire import request_sizes
-from swarm.routing import PeerSpan
+from swarm.routing import PeerSpan, SwarmSnapshot
 from swarm.transport import PeerError
 
 RequestKind = Literal["forward", "train", "backward"]
@@ -98,3 +102,28 @@ def judge_refusal(error: PeerError, batch: int, tokens: int, peer: PeerSpan | No
         return error
     what = f"a request of {batch}x{tokens} tokens was refused"
     return RequestTooLargeError(error.peer_id, refusal.setting, refusal.limit, actual, what)
+
+
+def too_small_for_batch(snapshot: SwarmSnapshot, batch: int) -> set[PeerID]:
+    """Peers that announce a max batch below `batch` (peers that announce none are given the benefit of the
+    doubt: their refusal is judged like any other)."""
+    return {p.peer_id for p in snapshot.peers.values() if p.max_batch is not None and p.max_batch < batch}
+
+
+def batch_refusal(
+    snapshot: SwarmSnapshot, batch: int, blocks: list[int], exclude: set[PeerID]
+) -> RequestTooLargeError | None:
+    """Why `blocks` have no route for a session of `batch` rows, if the peers left out for their max batch alone
+    would have served them: RequestTooLargeError naming the peer that serves the first such block with the
+    largest batch. None if the batch is not the reason."""
+    small = too_small_for_batch(snapshot, batch)
+    for block in blocks:
+        servers = [
+            p for p in snapshot.peers.values()
+            if p.peer_id in small and p.peer_id not in exclude and p.start <= block < p.end
+        ]  # fmt: skip
+        if servers:
+            best = max(servers, key=lambda p: p.max_batch or 0)
+            what = f"an inference session of batch {batch} (block {block} is served only with smaller batches)"
+            return RequestTooLargeError(best.peer_id, "max_batch", int(best.max_batch or 0), batch, what)
+    return None

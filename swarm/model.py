@@ -12,7 +12,7 @@ import copy
 import logging
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from blocks.adapters import Adapters, check_prompt_positions, run_span
-from blocks.checkpoint import model_name_of, open_checkpoint, read_client_state
+from blocks.checkpoint import Checkpoint, model_name_of, open_checkpoint, read_client_state
 from blocks.families import FAMILIES, ModelFamily, family_of
+from blocks.fingerprint import model_weights
 from blocks.span import BlockSpan, load_span
+from privacy.defence import ResidualNoise
 from privacy.exposure import ExposureLedger, split_local_blocks
 from swarm.config import ClientConfig
 from swarm.inference import InferenceSession
@@ -50,6 +52,8 @@ class RemoteDecoderModel(nn.Module):
         # blocks the client runs itself (ClientConfig.local_blocks), so that no peer sees their activations
         self.local_first: BlockSpan | None = None
         self.local_last: BlockSpan | None = None
+        # ClientConfig.privacy: noise on what is sent to the swarm, removed from what comes back (privacy.defence)
+        self.privacy: ResidualNoise | None = None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -101,7 +105,7 @@ class RemoteDecoderModel(nn.Module):
         adapters = self.tuning.adapters()
         hidden = self._run_local(self.local_first, hidden, adapters)
         if self.sequence.remote_start < self.sequence.remote_end:
-            hidden = self.sequence.forward(hidden, adapters)
+            hidden = self._through_swarm(hidden, lambda sent: self.sequence.forward(sent, adapters))
         hidden = self._run_local(self.local_last, hidden, adapters)
         return hidden if prompts is None else hidden[:, prompts.shape[-2] :]
 
@@ -115,10 +119,18 @@ class RemoteDecoderModel(nn.Module):
             check_prompt_positions(adapters.prompt_length, position, hidden.shape[1])
         hidden = self._run_local(self.local_first, hidden, adapters, session.local_caches.get("first"), position)
         if self.sequence.remote_start < self.sequence.remote_end:
-            hidden = session.step(hidden)
+            hidden = self._through_swarm(hidden, session.step)
         else:
             session.position = position + hidden.shape[1]
         return self._run_local(self.local_last, hidden, adapters, session.local_caches.get("last"), position)
+
+    def _through_swarm(self, hidden: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`run` (the remote blocks) on `hidden`: the one place where hidden states leave the client. With
+        ClientConfig.privacy, what is sent carries fresh noise that is removed from the answer (privacy.defence)."""
+        if self.privacy is None:
+            return run(hidden)
+        sent, noise = self.privacy.send(hidden)
+        return self.privacy.receive(run(sent), noise)
 
     @staticmethod
     def _run_local(
@@ -173,33 +185,66 @@ class DistributedCausalLMMixin:
         if not client_config.initial_peers:
             raise ValueError("initial_peers is required: multiaddrs of at least one peer in the swarm")
         ckpt = open_checkpoint(model_name_or_path)
-        config = copy.copy(ckpt.config)
-        if family_of(config).causal_lm not in cls.__mro__:
-            raise ValueError(f"{cls.__name__} cannot load a {config.model_type} checkpoint")
+        cls._check_checkpoint(ckpt)
+        config = ckpt.config  # the language model's, whose blocks the swarm serves
         prefix = client_config.dht_prefix or model_name_of(str(model_name_or_path))
-        first, remote, last = split_local_blocks(config.num_hidden_layers, *client_config.local_split)
-        sequence = RemoteSequence(client_config, prefix, config.num_hidden_layers, config.hidden_size, remote)
+        remote = split_local_blocks(config.num_hidden_layers, *client_config.local_split)[1]
+        # Only peers that announce the same block weights as this checkpoint's are used (blocks.fingerprint).
+        weights = model_weights(ckpt)
+        if weights is None:
+            logger.warning("the checkpoint's block files are not here: peers of any weights under the prefix are used")
+        sequence = RemoteSequence(
+            client_config, prefix, config.num_hidden_layers, config.hidden_size, remote, weights=weights
+        )
         try:
-            with torch.device("meta"):  # no throwaway random init of (possibly huge) embeddings and LM head
-                model = cls(config, sequence)
-            model._load_client_state(ckpt, dtype)
-            model.requires_grad_(False)  # the model is frozen: what trains is model.tuning's parameters
-            for blocks, attr in ((first, "local_first"), (last, "local_last")):
-                if len(blocks):
-                    span = load_span(ckpt, blocks.start, blocks.stop, dtype, progress=False)
-                    setattr(model.model, attr, span)
+            return cls.assemble(ckpt, sequence, client_config, dtype)
         except BaseException:
             sequence.shutdown()
             raise
+
+    @classmethod
+    def assemble(cls, ckpt: Checkpoint, sequence: Any, client_config: ClientConfig, dtype: torch.dtype):
+        """The client's model around `sequence` (its remote blocks): the client's part of `ckpt`, its local blocks
+        and its privacy defence. Opens no connection itself: from_pretrained passes a RemoteSequence, and
+        privacy.audit a stand-in that runs the remote blocks in-process and keeps what a peer would receive."""
+        cls._check_checkpoint(ckpt)
+        config = copy.copy(ckpt.full_config if ckpt.multimodal else ckpt.config)
+        first, _, last = split_local_blocks(ckpt.num_blocks, *client_config.local_split)
+        with torch.device("meta"):  # no throwaway random init of (possibly huge) embeddings and LM head
+            model = cls(config, sequence)
+        model._load_client_state(ckpt, dtype)
+        model.requires_grad_(False)  # the model is frozen: what trains is model.tuning's parameters
+        for blocks, attr in ((first, "local_first"), (last, "local_last")):
+            if len(blocks):
+                span = load_span(ckpt, blocks.start, blocks.stop, dtype, progress=False)
+                setattr(model.decoder, attr, span)
+        if client_config.defence is not None:
+            model.decoder.privacy = ResidualNoise(client_config.defence)
         if (ckpt.path / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
         return model.eval()
 
+    @classmethod
+    def _check_checkpoint(cls, ckpt: Checkpoint) -> None:
+        """Refuse a checkpoint this class cannot load, with the class that can."""
+        if ckpt.multimodal:
+            raise ValueError(
+                f"{ckpt.path} is a {ckpt.full_config.model_type} (multimodal) checkpoint: load it with "
+                "swarm.AutoDistributedModelForImageTextToText"
+            )
+        if family_of(ckpt.config).causal_lm not in cls.__mro__:
+            raise ValueError(f"{cls.__name__} cannot load a {ckpt.config.model_type} checkpoint")
+
+    @property
+    def decoder(self) -> RemoteDecoderModel:
+        """The language model whose blocks run in the swarm (a multimodal model's language_model)."""
+        return self.model
+
     def _load_client_state(self, ckpt, dtype: torch.dtype) -> None:
         state = read_client_state(ckpt, dtype)
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
-        if getattr(self.config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if getattr(self.decoder.config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.decoder.embed_tokens.weight
             missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
             raise ValueError(f"client weights do not match the model: missing {missing}, unexpected {unexpected}")
@@ -215,7 +260,7 @@ class DistributedCausalLMMixin:
             raise RuntimeError("an inference session is already open on this model in this thread")
         # The session uses the tuned tensors as they are now: train, then open a session to generate with them.
         session = InferenceSession(
-            self.model.sequence,
+            self.decoder.sequence,
             max_length,
             batch_size,
             adapters=self.tuning.adapters(),
@@ -230,16 +275,16 @@ class DistributedCausalLMMixin:
     @property
     def tuning(self) -> ClientTuning:
         """The client's trainable prompts / LoRA adapters (empty until added)."""
-        return self.model.tuning
+        return self.decoder.tuning
 
     @property
     def exposure_ledger(self) -> ExposureLedger:
         """Which peer saw which blocks' activations, for how many tokens, over this model's lifetime."""
-        return self.model.sequence.ledger
+        return self.decoder.sequence.ledger
 
     def shutdown(self) -> None:
         """Leave the swarm: stop this client's DHT node and network thread."""
-        self.model.sequence.shutdown()
+        self.decoder.sequence.shutdown()
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -251,9 +296,18 @@ class DistributedCausalLMMixin:
         Inside ``inference_session()``, ``inputs`` (if any) are appended to what the session already holds and
         generation continues from there; the returned sequences include the session's earlier tokens, so two
         calls return the same as one longer call.
+
+        ``inputs_embeds`` (any front-end's embeddings, instead of input ids) start a generation or a session: as
+        with transformers, only the new tokens are returned, and such a session cannot be continued by generate.
         """
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None:
+            if inputs is not None:
+                raise ValueError("pass either input ids or inputs_embeds, not both")
+            if embeds.ndim != 3:
+                raise ValueError(f"inputs_embeds must be [batch, length, hidden], got shape {list(embeds.shape)}")
         for key in ("cache", "past_key_values"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"{key} cannot be passed: the KV cache lives on the peers")
@@ -270,6 +324,12 @@ class DistributedCausalLMMixin:
         session = self.active_session
         if session is not None:
             history = session.token_ids
+            if history is None and session.position > 0:
+                raise NotImplementedError("a session that began with inputs_embeds cannot be continued by generate()")
+            if embeds is not None:
+                if session.position > 0:
+                    raise NotImplementedError("inputs_embeds can only start an inference session, not continue one")
+                return self._generate_in_session(session, None, *args, **kwargs)
             if inputs is None:
                 if history is None:
                     raise ValueError("this session holds no tokens yet: pass input ids to the first generate()")
@@ -278,12 +338,13 @@ class DistributedCausalLMMixin:
                 inputs = torch.cat([history, inputs.to(history.device)], dim=1)
             return self._generate_in_session(session, inputs, *args, **kwargs)
 
-        if inputs is None:
-            raise ValueError("input ids are required outside an inference session")
+        prompt = inputs if inputs is not None else embeds
+        if prompt is None:
+            raise ValueError("input ids or inputs_embeds are required outside an inference session")
         new_tokens = gen_config.max_new_tokens
-        max_length = inputs.shape[1] + new_tokens if new_tokens is not None else gen_config.max_length
-        batch = inputs.shape[0] * (gen_config.num_return_sequences or 1)
-        retries = self.model.sequence.config.verification_retries
+        max_length = prompt.shape[1] + new_tokens if new_tokens is not None else gen_config.max_length
+        batch = prompt.shape[0] * (gen_config.num_return_sequences or 1)
+        retries = self.decoder.sequence.config.verification_retries
         while True:
             try:
                 with self.inference_session(max_length=max_length, batch_size=batch) as session:
@@ -296,18 +357,22 @@ class DistributedCausalLMMixin:
                 retries -= 1
                 logger.warning(f"generation redone without the peer caught lying ({e.evidence.liar})")
 
-    def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor, *args: Any, **kwargs: Any):
-        if inputs.ndim != 2:
+    def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args: Any, **kwargs: Any):
+        """transformers' generate through `session`, from input ids or (inputs None) from kwargs' inputs_embeds."""
+        if inputs is not None and inputs.ndim != 2:
             raise ValueError(f"input ids must be [batch, length], got shape {list(inputs.shape)}")
-        cache = RemoteCache(session, self.config.num_hidden_layers)
+        prompt = inputs if inputs is not None else kwargs["inputs_embeds"]
+        # An embeddings prompt is held by the peers but is no part of the token sequence generate sees.
+        prefix = 0 if inputs is not None else prompt.shape[1]
+        cache = RemoteCache(session, self.decoder.config.num_hidden_layers, prefix=prefix)
         processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), StepCheck(cache)])
         try:
-            with self.model.sequence.loop.borrowed():  # no thread hop per token
+            with self.decoder.sequence.loop.borrowed():  # no thread hop per token
                 output = super().generate(
                     inputs,
                     *args,
                     cache=cache,
-                    attention_mask=torch.ones_like(inputs),
+                    attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device),
                     logits_processor=processors,
                     **kwargs,
                 )
@@ -316,7 +381,8 @@ class DistributedCausalLMMixin:
             session.close()
             raise
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        session.token_ids = sequences
+        # After an embeddings prompt the session holds more than its tokens: generate cannot continue it.
+        session.token_ids = sequences if inputs is not None else None
         return output
 
 

@@ -17,6 +17,7 @@ from hivemind.p2p import PeerID
 
 from swarm.config import ClientConfig
 from swarm.health import PeerHealth
+from swarm.limits import batch_refusal, too_small_for_batch
 from swarm.routing import (
     NoRouteError,
     RouteSpan,
@@ -55,9 +56,11 @@ class RoutePlanner:
         timeout: float | None = None,
         policy: RoutePolicy = "latency",
         tokens_needed: int = 0,
+        min_batch: int = 1,
     ) -> list[RouteSpan]:
         """A route over blocks [start, end); waits up to `timeout` (default: the discovery timeout) for the swarm
-        to cover them.
+        to cover them. Peers announcing a max batch below `min_batch` (an inference session's batch, which cannot
+        be cut) are left out; RequestTooLargeError at once if only they serve some block.
 
         policy "latency": least expected time per token (inference); "throughput": spread over replicas by their
         announced throughput (whole-sequence work); "hops": fewest hops.
@@ -66,7 +69,7 @@ class RoutePlanner:
         refresh = False
         while True:
             try:
-                route = self._search(start, end, min_length, policy, tokens_needed, refresh)
+                route = self._search(start, end, min_length, policy, tokens_needed, refresh, min_batch)
                 logger.debug(f"route: {[(str(s.peer_id)[-6:], s.uid) for s in route]}")
                 return route
             except NoRouteError as e:
@@ -81,12 +84,26 @@ class RoutePlanner:
                 refresh = True
 
     def _search(
-        self, start: int, end: int, min_length: int, policy: RoutePolicy, tokens_needed: int, refresh: bool
+        self,
+        start: int,
+        end: int,
+        min_length: int,
+        policy: RoutePolicy,
+        tokens_needed: int,
+        refresh: bool,
+        min_batch: int = 1,
     ) -> list[RouteSpan]:
         snapshot = self.view.snapshot(refresh=refresh)
         exclude = excluded_peers(snapshot, self.allowed, self.blocked, self.health.banned())
         self._reach(snapshot, exclude, start, end, min_length)
         exclude |= self.not_answered(snapshot)
+        if min_batch > 1:
+            small = too_small_for_batch(snapshot, min_batch)
+            uncovered = snapshot.uncovered(start, end, exclude | small, min_length)
+            refusal = batch_refusal(snapshot, min_batch, uncovered, exclude) if uncovered else None
+            if refusal is not None:
+                raise refusal
+            exclude |= small
         snapshot = self._observed(snapshot)
         if policy == "latency":
             return min_latency_route(

@@ -97,11 +97,15 @@ class RemoteCacheLayer(CacheLayerMixin):
 
 class RemoteCache(Cache):
     """The cache passed to ``generate`` as ``cache=``: one RemoteCacheLayer per decoder layer of the model, all with
-    the session's length. It also remembers the last step that went through the session, for StepCheck."""
+    the session's length. It also remembers the last step that went through the session, for StepCheck.
 
-    def __init__(self, session: InferenceSession, num_layers: int):
+    `prefix`: positions the peers hold before the first token of the sequence generate sees (a prompt given as
+    inputs_embeds, which generate keeps no tokens of)."""
+
+    def __init__(self, session: InferenceSession, num_layers: int, prefix: int = 0):
         super().__init__(layers=[RemoteCacheLayer(session) for _ in range(num_layers)])
         self.session = session
+        self.prefix = prefix
         self.last_step: tuple[int, torch.Tensor | None] | None = None  # (position, input ids or None for embeddings)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -161,10 +165,10 @@ class StepCheck(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         cache, session = self.cache, self.cache.session
-        if session.position != input_ids.shape[1]:
+        if session.position != cache.prefix + input_ids.shape[1]:
             raise GenerationDriftError(
                 "tokens held by the peers after a forward step",
-                f"{input_ids.shape[1]} (the sequence's length)",
+                f"{cache.prefix + input_ids.shape[1]} (the sequence's length, after {cache.prefix} embeddings)",
                 session.position,
             )
         if cache.last_step is None:
@@ -173,6 +177,7 @@ class StepCheck(LogitsProcessor):
             )
         position, ids = cache.last_step
         cache.last_step = None  # each forward is checked once
+        position -= cache.prefix  # where in input_ids the step's tokens are
         if ids is not None and not torch.equal(input_ids[:, position : position + ids.shape[1]], ids.to(input_ids)):
             raise GenerationDriftError(
                 f"tokens sent to the peers at positions {position}..{position + ids.shape[1] - 1}",

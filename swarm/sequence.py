@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from blocks.adapters import Adapters
+from blocks.fingerprint import ModelWeights
 from dht.records import check_prefix
 from privacy.exposure import ExposureKind, ExposureLedger
 from swarm.autograd import SpanCalls, apply_span
@@ -25,11 +26,18 @@ class RemoteSequence:
 
     Its parts: `view` (DHT, P2P, snapshots, background refresh), `health` (bans, RTTs), `planner` (routes) and
     `calls` (forward / backward RPCs per span), `checker` (spot checks of peers' outputs, with every peer's record);
-    `ledger` records which peer saw which activations.
+    `ledger` records which peer saw which activations. With `weights`, only peers announcing the same block
+    weights are used (SwarmView).
     """
 
     def __init__(
-        self, config: ClientConfig, prefix: str, num_blocks: int, hidden_size: int, remote_blocks: range | None = None
+        self,
+        config: ClientConfig,
+        prefix: str,
+        num_blocks: int,
+        hidden_size: int,
+        remote_blocks: range | None = None,
+        weights: ModelWeights | None = None,
     ):
         self.config, self.prefix = config, check_prefix(prefix)
         self.num_blocks, self.hidden_size = num_blocks, hidden_size
@@ -37,7 +45,7 @@ class RemoteSequence:
         self.remote_start, self.remote_end = remote_blocks.start, remote_blocks.stop
         self.ledger = ExposureLedger()  # every request that showed a peer some of our activations
         self.health = PeerHealth(config)
-        self.view = SwarmView(config, prefix, num_blocks, self.health)
+        self.view = SwarmView(config, prefix, num_blocks, self.health, weights)
         self.planner = RoutePlanner(self.view, self.health, config)
         # spot checks of peers' outputs (ClientConfig.check_rate); routes prefer peers that passed checks
         self.checker = SpotChecker(self.view, self.planner, self.health, config, self.record_exposure)
@@ -54,11 +62,12 @@ class RemoteSequence:
         timeout: float | None = None,
         policy: RoutePolicy = "latency",
         tokens_needed: int = 0,
+        min_batch: int = 1,
     ) -> list[RouteSpan]:
         """A route over blocks [start, end) (default: all remote blocks); see RoutePlanner.make_route."""
         start = self.remote_start if start is None else start
         end = self.remote_end if end is None else end
-        return self.planner.make_route(start, end, min_length, timeout, policy, tokens_needed)
+        return self.planner.make_route(start, end, min_length, timeout, policy, tokens_needed, min_batch)
 
     def record_exposure(self, span: RouteSpan, tokens: int, kind: ExposureKind, *also: ExposureLedger) -> None:
         for ledger in (self.ledger, *also):

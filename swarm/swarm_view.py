@@ -12,8 +12,10 @@ from collections.abc import Callable
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 
+from blocks.fingerprint import ModelWeights
 from dht.announce import fetch_block_servers
 from dht.node import start_dht_node
+from dht.records import with_weights
 from swarm.config import ClientConfig
 from swarm.health import PeerHealth
 from swarm.routing import PeerSpan, SwarmSnapshot
@@ -30,10 +32,21 @@ class SwarmView:
     DHT lookup sits on the generation path; without it, a snapshot older than `snapshot_ttl` is re-read lazily.
     The same probes find out which announced peers can be reached at all: new peers are probed at once, and
     unreachable ones again once their backoff has run out (PeerHealth), all concurrently.
+    With `weights` (the client's fingerprints of its model's blocks), only peers whose records announce the same
+    weights for their span are in the view (dht.records.with_weights).
     """
 
-    def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, health: PeerHealth):
+    def __init__(
+        self,
+        config: ClientConfig,
+        prefix: str,
+        num_blocks: int,
+        health: PeerHealth,
+        weights: ModelWeights | None = None,
+    ):
         self.config, self.prefix, self.num_blocks, self.health = config, prefix, num_blocks, health
+        self.weights = weights
+        self.other_weights: set[PeerID] = set()  # peers left out of the view: they serve other weights
         self.dht = start_dht_node(
             config.initial_peers,
             config.host_maddrs,
@@ -59,6 +72,11 @@ class SwarmView:
         """The latest view of the swarm; kept fresh by the background refresh, or fetched when it is too old."""
         if refresh or self._snapshot is None or time.monotonic() - self._snapshot_time > self.config.snapshot_ttl:
             servers = fetch_block_servers(self.dht, self.prefix, range(self.num_blocks))
+            if self.weights is not None:
+                servers, dropped = with_weights(servers, self.weights.span, self.config.require_weights_fingerprint)
+                for peer_id in dropped - self.other_weights:
+                    logger.warning(f"not using peer {peer_id}: it serves other weights than this model's")
+                self.other_weights |= dropped
             self._snapshot = SwarmSnapshot.from_servers(self.num_blocks, servers)
             self._snapshot_time = time.monotonic()
         return self._snapshot

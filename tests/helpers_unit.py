@@ -55,6 +55,7 @@ class SafeOpenSpy:
     def __init__(self) -> None:
         self.opened: list[str] = []  # file names, in order
         self.read: list[str] = []  # tensor names passed to get_tensor, in order
+        self.sliced: list[str] = []  # tensor names passed to get_slice (parts of them read), in order
 
     def __call__(self, filename: Any, framework: str, **kwargs: Any) -> _SpyHandle:
         self.opened.append(Path(filename).name)
@@ -78,6 +79,10 @@ class _SpyHandle:
     def get_tensor(self, name: str) -> Any:
         self._spy.read.append(name)
         return self._handle.get_tensor(name)
+
+    def get_slice(self, name: str) -> Any:
+        self._spy.sliced.append(name)
+        return self._handle.get_slice(name)
 
 
 def make_limits(**overrides: Any) -> Limits:

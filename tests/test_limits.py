@@ -18,8 +18,15 @@ from peers.wire import LimitExceeded, RemoteError, request_sizes
 from peers.wire.validation import Limits, check_backward_size, check_forward_size, check_hidden
 from privacy import DPSGD, DPConfig
 from swarm import AutoDistributedModelForCausalLM
-from swarm.limits import TOKEN_LIMITS, RequestTooLargeError, batch_chunks, judge_refusal
-from swarm.routing import PeerSpan
+from swarm.limits import (
+    TOKEN_LIMITS,
+    RequestTooLargeError,
+    batch_chunks,
+    batch_refusal,
+    judge_refusal,
+    too_small_for_batch,
+)
+from swarm.routing import PeerSpan, SwarmSnapshot
 from swarm.transport import PeerError, as_peer_error, call_info
 from swarm.tuning import local_deep_prompts
 
@@ -171,6 +178,32 @@ def test_records_announce_limits_and_records_without_them_still_parse():
         ServerRecord(**base, max_batch=0)
 
 
+def test_sessions_route_around_peers_with_a_smaller_max_batch():
+    """A session's batch cannot be cut: peers announcing less are left out, and only if they alone serve a block
+    is the session refused, naming the largest batch that block is served with."""
+    small, big, unknown = (PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes([i] * 32)) for i in (1, 2, 3))
+    snapshot = SwarmSnapshot(
+        8,
+        {
+            small: PeerSpan(small, 0, 8, 1.0, 100, 64, max_batch=4),
+            big: PeerSpan(big, 0, 4, 1.0, 100, 64, max_batch=16),
+            unknown: PeerSpan(unknown, 4, 6, 1.0, 100, 64),  # announces no limit: judged by its answer
+        },
+    )
+    assert too_small_for_batch(snapshot, 4) == set()
+    assert too_small_for_batch(snapshot, 8) == {small}
+    assert too_small_for_batch(snapshot, 32) == {small, big}
+    uncovered = snapshot.uncovered(0, 8, too_small_for_batch(snapshot, 8))
+    assert uncovered == [6, 7]
+    refusal = batch_refusal(snapshot, 8, uncovered, exclude=set())
+    assert (refusal.peer_id, refusal.setting, refusal.limit, refusal.requested) == (small, "max_batch", 4, 8)
+    assert "--max-batch" in str(refusal) and "block 6" in str(refusal)
+    # the largest batch a block is served with is named; banned (excluded) peers are not
+    refusal = batch_refusal(snapshot, 32, [0], exclude=set())
+    assert (refusal.peer_id, refusal.limit) == (big, 16)
+    assert batch_refusal(snapshot, 32, [0], exclude={small, big}) is None  # then: no peer at all, not the batch
+
+
 # ---- a real swarm ----
 
 
@@ -274,3 +307,38 @@ def test_a_sequence_over_the_peers_token_limit_fails_clearly_without_a_ban(llama
     finally:
         model.shutdown()
         swarm.stop_checked()
+
+
+def test_an_inference_session_over_max_batch_is_refused_without_a_ban(client):
+    """Sessions are not cut: one over every peer's announced max batch is refused before anything is sent; one
+    sent to peers whose limit the client did not know is refused by them, and that is the session's error too."""
+    sequence = client.model.sequence
+    with pytest.raises(RequestTooLargeError, match="max_batch=32") as caught:
+        client.inference_session(max_length=8, batch_size=40).__enter__()
+    assert (caught.value.setting, caught.value.limit, caught.value.requested) == ("max_batch", 32, 40)
+    assert not sequence.health.banned()
+
+    known, snapshot = sequence.view.peer, sequence.view.snapshot
+
+    def unannounced_snapshot(*args, **kwargs):
+        taken = snapshot(*args, **kwargs)
+        peers = {p: dataclasses.replace(s, max_batch=None) for p, s in taken.peers.items()}
+        return dataclasses.replace(taken, peers=peers)
+
+    def unannounced(peer_id):
+        span = known(peer_id)
+        return None if span is None else dataclasses.replace(span, max_batch=None)
+
+    sequence.view.snapshot, sequence.view.peer = unannounced_snapshot, unannounced
+    errors_before = errors_on_peers(client)
+    try:
+        with pytest.raises(RequestTooLargeError, match="max_batch=32") as caught:
+            client.inference_session(max_length=8, batch_size=40).__enter__()
+    finally:
+        del sequence.view.snapshot, sequence.view.peer
+    assert isinstance(caught.value.__cause__, PeerError)  # the peer did refuse it
+    assert errors_on_peers(client) > errors_before
+    assert not sequence.health.banned()
+    assert sequence.health.failures_in_a_row(caught.value.peer_id) == 0
+    ids = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(6))
+    assert client.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 7)  # the peers still serve

@@ -123,7 +123,7 @@ def close(guarded, stream: InferenceStream) -> None:
 @pytest.mark.parametrize(
     "max_length, batch, uid, message",
     [
-        (MAX_LENGTH + 1, 1, "0:4", "'max_length'=49 is outside"),
+        (MAX_LENGTH + 1, 1, "0:4", "limit exceeded: max_length=48, requested 49"),
         (0, 1, "0:4", "'max_length'=0 is outside"),
         (8, 0, "0:4", "'batch'=0 is outside"),
         (40, 4, "0:4", "needs 160 cache tokens"),  # fits max_length and batch, but not... see below

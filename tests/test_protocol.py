@@ -508,8 +508,13 @@ def test_open_session_round_trip_and_version_check():
     assert all(torch.equal(got.adapters.tensors[n], t) for n, t in lora.items())
     with pytest.raises(ProtocolError, match="protocol version 1 is not supported"):
         OpenSession.decode(OpenSession(2, 6, 32, 2, version=1).encode(), limits, _linear_shape)
-    with pytest.raises(ProtocolError, match="'batch'=9 is outside"):
+    from peers.wire import LimitExceeded
+
+    with pytest.raises(LimitExceeded, match="max_batch=4, requested 9") as caught:  # the session's error
         OpenSession.decode(OpenSession(2, 6, 32, 9).encode(), limits, _linear_shape)
+    assert (caught.value.setting, caught.value.limit, caught.value.requested) == ("max_batch", 4, 9)
+    with pytest.raises(ProtocolError, match="'batch'=0 is outside"):
+        OpenSession.decode(OpenSession(2, 6, 32, 0).encode(), limits, _linear_shape)
 
 
 def test_step_and_reply_round_trip_with_push_chain():

@@ -52,6 +52,7 @@ from peers.wire.validation import (
     check_forward_size,
     check_hidden,
     check_lora_scale,
+    check_session_size,
     parse_span_uid,
 )
 
@@ -168,8 +169,9 @@ class OpenSession:
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {version} is not supported: this peer speaks {PROTOCOL_VERSION}")
         start, end = parse_span_uid(proto.uid, limits)
-        max_length = get_int(meta, _Key.MAX_LENGTH, low=1, high=limits.max_length)
-        batch = get_int(meta, _Key.BATCH, low=1, high=limits.max_batch)
+        max_length = get_int(meta, _Key.MAX_LENGTH, low=1, high=2**31)
+        batch = get_int(meta, _Key.BATCH, low=1, high=2**31)
+        check_session_size(batch, max_length, limits)
         # Shapes only: adapters are checked against a session of batch x max_length tokens.
         dtype = proto.tensors[0].dtype if proto.tensors else "float32"
         # (an unknown dtype name is refused with a clear error when the tensors are decoded)

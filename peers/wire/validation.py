@@ -59,6 +59,14 @@ def _check_limit(setting: str, sizes: dict[str, int], limits: Limits, detail: st
         raise LimitExceeded(setting, limit, sizes[setting], detail)
 
 
+def check_session_size(batch: int, max_length: int, limits: Limits) -> None:
+    """An inference session's batch and length must be within the peer's limits (LimitExceeded, an error of the
+    request that the client does not hold against the peer)."""
+    sizes = request_sizes(batch, max_length)
+    _check_limit("max_batch", sizes, limits, f"a session of batch size {batch} is over this peer's limit")
+    _check_limit("max_length", sizes, limits, f"a session of {max_length} tokens is over this peer's max length")
+
+
 def check_span(start: int, end: int, limits: Limits) -> tuple[int, int]:
     """A requested sub-span must lie inside the span this peer serves."""
     if not limits.start <= start < end <= limits.end:
