@@ -7,6 +7,7 @@ peers.settings.load_config. Precedence: command line > environment > config file
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,23 @@ class PeerConfig(DhtNodeConfig):
         "clients' work in between",
         default=4096,
     )
+    no_direct: bool = option(
+        "never offer clients a direct TLS connection for their inference sessions (they then use the libp2p stream)",
+        default=False,
+    )
+    direct_host: str | None = option(
+        "IP address the direct-connection listener binds; default: the IP of the first --host-maddrs"
+    )
+    direct_port: int = option("TCP port of the direct-connection listener (0: any free port)", default=0)
+    direct_public_hosts: list[str] = option(
+        "IP addresses offered to clients for direct connections; default: the IPs of --announce-maddrs, else the "
+        "listen address unless it is a wildcard, else the addresses the libp2p daemon sees",
+        default_factory=list,
+    )
+    direct_handshake_timeout: float = option(
+        "seconds within which a direct connection must finish TLS and present its session's ticket", default=10.0
+    )
+    direct_max_pending: int = option("direct connections that may be waiting for their ticket at once", default=64)
     announce_period: float = option("seconds between DHT record refreshes", default=30.0)
     record_ttl: float = option("seconds a DHT record stays valid without refresh", default=90.0)
     inline_compute_tokens: int = option(
@@ -202,6 +220,7 @@ class PeerConfig(DhtNodeConfig):
             "max_client_request_bytes",
             "memory_budget",
             "compute_slice_tokens",
+            "direct_max_pending",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -215,7 +234,15 @@ class PeerConfig(DhtNodeConfig):
             raise ConfigError("--batch-wait must be >= 0 and --client-share in (0, 1]")
         if self.prefill_chunk_tokens > self.max_batch_tokens:
             raise ConfigError("--prefill-chunk-tokens must not exceed --max-batch-tokens: a chunk must fit a batch")
-        for name in ("session_idle_timeout", "announce_period", "record_ttl", "train_hold_timeout", "frame_timeout"):
+        _check_direct(self)
+        for name in (
+            "session_idle_timeout",
+            "announce_period",
+            "record_ttl",
+            "train_hold_timeout",
+            "frame_timeout",
+            "direct_handshake_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.record_ttl <= self.announce_period:
@@ -263,3 +290,15 @@ def check_span_fits(text: str, num_blocks: int) -> tuple[int, int]:
     if end > num_blocks:
         raise ConfigError(f"--blocks {text}: the model has only {num_blocks} blocks (0:{num_blocks} is all of them)")
     return start, end
+
+
+def _check_direct(config: PeerConfig) -> None:
+    if not 0 <= config.direct_port < 65536:
+        raise ConfigError(f"--direct-port must be in [0, 65535], got {config.direct_port}")
+    for name, hosts in (("--direct-host", [config.direct_host] if config.direct_host else []),
+                        ("--direct-public-hosts", config.direct_public_hosts)):  # fmt: skip
+        for host in hosts:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"{name}: {host!r} is not an IP address") from None

@@ -25,6 +25,7 @@ from hivemind.proto import runtime_pb2
 from blocks.adapters import Adapters, check_prompt_positions, linear_module, run_span
 from blocks.batching import Segment, run_segments
 from blocks.span import BlockSpan
+from peers.direct import Connection, DirectListener
 from peers.push import Pushed, PushRouter, short_id
 from peers.quotas import (
     ClientLedger,
@@ -37,7 +38,7 @@ from peers.quotas import (
 )
 from peers.scheduler import BatchSettings, ComputeScheduler
 from peers.sessions import CacheBudget, PeerSession
-from peers.streams import ClientStreams, unless_client_leaves, wire_bytes
+from peers.streams import ClientStreams, ReplyChannel, unless_client_leaves, wire_bytes
 from peers.training import HeldGraphs, forward_graph, gradients, recompute_gradients
 from peers.wire import (
     BACKWARD_HANDLER,
@@ -46,6 +47,7 @@ from peers.wire import (
     INFO_HANDLER,
     PUSH_HANDLER,
     TRAIN_HANDLER,
+    Attached,
     Backward,
     Forward,
     ForwardReply,
@@ -79,6 +81,7 @@ class BlockService:
         quotas: ClientQuotas | None = None,
         frame_timeout: float = 60.0,
         slice_tokens: int = 4096,
+        direct: DirectListener | None = None,
     ):
         self.span: BlockSpan | None = span
         self.limits, self.budget, self.idle_timeout = limits, budget, idle_timeout
@@ -99,6 +102,7 @@ class BlockService:
         self.block_tokens: dict[int, int] = {}
         self._p2p: P2P | None = None
         self.generation = 0  # bumped when the peer moves to other blocks: sessions opened before must end
+        self.direct = direct  # offers inference sessions a direct TLS connection (peers.direct)
 
     # ---- lifecycle ----
 
@@ -111,6 +115,8 @@ class BlockService:
         await p2p.add_binary_stream_handler(TRAIN_HANDLER, self._handle_train)
         await p2p.add_protobuf_handler(INFO_HANDLER, self._handle_info, runtime_pb2.ExpertUID)
         await p2p.add_binary_stream_handler(PUSH_HANDLER, self.push.handle)
+        if self.direct is not None:
+            await self.direct.start()
 
     async def suspend(self) -> None:
         """Stop serving the current blocks (the peer is moving): open sessions end, new requests are refused."""
@@ -127,6 +133,8 @@ class BlockService:
 
     async def stop(self) -> None:
         self.push.close()
+        if self.direct is not None:
+            await self.direct.close()
         if self._p2p is not None:
             for name in (INFERENCE_HANDLER, FORWARD_HANDLER, BACKWARD_HANDLER, TRAIN_HANDLER, PUSH_HANDLER):
                 await self._p2p.remove_binary_stream_handler(name)
@@ -348,8 +356,10 @@ class BlockService:
         peers.push); a step number seen before is dropped, so each step is computed and answered once."""
         session: PeerSession | None = None
         token: str | None = None
+        offer = None
         try:
-            async with self.streams.client_stream("inference session", info, reader, writer) as holding:
+            replies = ReplyChannel(writer)
+            async with self.streams.client_stream("inference session", info, reader, writer, replies) as holding:
                 request, generation = await self._first_request(reader, holding)
                 holding.take(Resource.SESSIONS, 1)
                 holding.take(Resource.TRAINABLE_BYTES, wire_bytes(request, 0))
@@ -371,31 +381,40 @@ class BlockService:
                     adapters=adapters,
                 )
                 logger.debug(f"session {session.session_id} from {short_id(info.peer_id)}: {opening}")
+                opening_direct = opening.direct
                 del opening  # the session keeps its adapters (in the span's dtype): not a second copy of them
                 holding.give_back(Resource.REQUEST_BYTES, holding.held(Resource.REQUEST_BYTES))
                 token, inbox = self.push.open_inbox()
                 charges: collections.deque[int] = collections.deque()  # bytes of each client frame in the inbox
-                reading = asyncio.create_task(self._read_client(reader, inbox, holding, charges))
+                readers = {asyncio.create_task(self._read_client(reader, inbox, holding, charges))}
                 serving: asyncio.Task | None = None
                 try:
-                    await send_message(SessionOpened(session.session_id, token).encode(), writer)
+                    arrived = None
+                    if opening_direct and self.direct is not None:
+                        offer, arrived = self.direct.offer()
+                    await send_message(SessionOpened(session.session_id, token, direct=offer).encode(), writer)
+                    if arrived is not None:
+                        attaching = self._attach(arrived, session.session_id, replies, inbox, holding, charges)
+                        readers.add(asyncio.create_task(attaching))
                     client = holding.client
-                    steps = self._serve_steps(session, inbox, writer, generation, client, holding, charges)
+                    steps = self._serve_steps(session, inbox, replies, generation, client, holding, charges)
                     serving = asyncio.create_task(steps)
-                    await asyncio.wait({reading, serving}, return_when=asyncio.FIRST_COMPLETED)
-                    if not serving.done() and reading.result() is True:
+                    done, _ = await asyncio.wait({*readers, serving}, return_when=asyncio.FIRST_COMPLETED)
+                    if not serving.done() and any(task.result() is True for task in done):
                         # The client closed its stream: nobody reads what is still being computed for it. Its
                         # queued work is dropped now, not computed for nothing.
                         serving.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await serving
                 finally:
-                    for task in (reading, serving):
+                    for task in (*readers, serving):
                         if task is not None:
                             task.cancel()
                             with contextlib.suppress(BaseException):
                                 await task
         finally:
+            if offer is not None and self.direct is not None:
+                self.direct.withdraw(offer)
             if token is not None:
                 self.push.close_inbox(token)
             if session is not None:
@@ -421,6 +440,23 @@ class BlockService:
             await inbox.put(request)
             if request is None:
                 return True
+
+    async def _attach(
+        self,
+        arrived: asyncio.Future[Connection],
+        session_id: int,
+        replies: ReplyChannel,
+        inbox: asyncio.Queue,
+        holding: Holding,
+        charges: collections.deque[int],
+    ) -> bool:
+        """Once the client's direct connection presents the session's ticket: answer Attached on it, send every
+        later reply through it and read the client's steps from it (as _read_client). Until then, nothing."""
+        reader, writer = await arrived
+        await send_message(Attached(session_id).encode(), writer)
+        replies.direct(writer)
+        logger.debug(f"session {session_id} attached a direct connection")
+        return await self._read_client(reader, inbox, holding, charges)
 
     async def _step(self, session: PeerSession, hidden: torch.Tensor, generation: int, client: str) -> torch.Tensor:
         """A session's step: alone when it carries adapters (their hooks act on whole batches); otherwise through
@@ -460,7 +496,7 @@ class BlockService:
         self,
         session: PeerSession,
         inbox: asyncio.Queue,
-        writer: asyncio.StreamWriter,
+        replies: ReplyChannel,
         generation: int,
         client: str,
         holding: Holding,
@@ -504,7 +540,7 @@ class BlockService:
                 await self.push.push(step, encoded)
             # session.position is the cache's length: BlockSpan checks every layer it used against it
             reply = StepReply(encoded, session.position, compute_s, step.step)
-            await send_message(reply.encode(), writer)
+            await send_message(reply.encode(), replies.writer)
 
     async def _first_request(
         self, reader: asyncio.StreamReader, holding: Holding

@@ -32,6 +32,7 @@ from dht.identity import load_or_create_identity
 from dht.models import ModelRecord, announce_model, registry_validator
 from dht.records import ServerRecord, ServerState, check_prefix, make_validators, peer_announcements
 from peers.config import PeerConfig, check_span_fits
+from peers.direct import DirectListener, DirectSettings, direct_hosts
 from peers.handlers import BlockService
 from peers.placement import choose_span, effective_throughputs, plan_move, spans_of_others, throughput_coverage
 from peers.quotas import ClientQuotas, Resource
@@ -286,10 +287,28 @@ class Peer:
                 client_quotas(config),
                 frame_timeout=config.frame_timeout,
                 slice_tokens=config.compute_slice_tokens,
+                direct=await self.direct_listener(),
             )
             await self.service.start(await self.dht.replicate_p2p())
         else:  # moved: the same handlers now serve the new blocks
             await self.service.resume(self.span, limits, info)
+
+    async def direct_listener(self) -> DirectListener | None:
+        """The listener for clients' direct connections (peers.direct), unless turned off or no address to offer."""
+        config = self.config
+        if config.no_direct:
+            return None
+        visible = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
+        listen, public = direct_hosts(
+            config.direct_host, config.direct_public_hosts, config.host_maddrs, config.announce_maddrs, visible
+        )
+        if not public:
+            logger.warning("no address to offer clients for direct connections: they will use libp2p streams")
+            return None
+        settings = DirectSettings(
+            listen, config.direct_port, public, config.direct_handshake_timeout, config.direct_max_pending
+        )
+        return await self._in_thread(DirectListener, settings)  # makes a key pair: not on the event loop
 
     def limits(self) -> Limits:
         """The request limits of the span being brought up (PeerConfig's, plus the span's own facts)."""

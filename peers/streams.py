@@ -57,41 +57,71 @@ class ClientStreams:
 
     @contextlib.asynccontextmanager
     async def client_stream(
-        self, kind: str, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        kind: str,
+        info: StreamInfo,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        replies: ReplyChannel | None = None,
     ) -> AsyncIterator[Holding]:
         """A client's stream: errors answered (`answering_errors`); what the stream took for its client (the
         Holding) is given back when it ends, however it ends."""
         holding = Holding(self.ledger, info.peer_id.to_base58())
         try:
-            async with self.answering_errors(kind, info, reader, writer):
+            async with self.answering_errors(kind, info, reader, writer, replies):
                 yield holding  # the stream itself is counted by first_request, inside the handler's body
         finally:
             holding.close()
 
     @contextlib.asynccontextmanager
     async def answering_errors(
-        self, kind: str, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        kind: str,
+        info: StreamInfo,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        replies: ReplyChannel | None = None,
     ) -> AsyncIterator[None]:
-        """Answer whatever goes wrong while serving a stream with an error frame naming it; close the stream."""
+        """Answer whatever goes wrong while serving a stream with an error frame naming it (where the replies go:
+        `replies`' connection if given, else the stream); close the stream and that connection."""
         peer = short_id(info.peer_id)
+        target = replies or ReplyChannel(writer)
         try:
             yield
         except (ProtocolError, RemoteError) as e:
             self.stats["errors"] += 1
             logger.info(f"{kind} from {peer} refused: {e}")
-            await try_send_error(str(e), writer, reader)
+            # drain what the client still sends (only on the stream: a direct connection's client reads at once)
+            await try_send_error(str(e), target.writer, reader if target.writer is writer else None)
         except TimeoutError:
             logger.info(f"{kind} from {peer}: nothing arrived within its timeout")
-            await try_send_error(f"{kind} closed: nothing arrived within its timeout", writer)
+            await try_send_error(f"{kind} closed: nothing arrived within its timeout", target.writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             logger.debug(f"{kind} from {peer}: connection lost")
         except Exception as e:
             self.stats["errors"] += 1
             self.stats["internal_errors"] += 1
             logger.exception(f"{kind} from {peer} failed")
-            await try_send_error(f"internal error: {type(e).__name__}: {e}", writer)
+            await try_send_error(f"internal error: {type(e).__name__}: {e}", target.writer)
         finally:
+            target.close_direct()
             writer.close()
+
+
+class ReplyChannel:
+    """Where a stream's replies and its error go: the stream, or the direct connection once the client attached
+    one (peers.direct; closed with the stream)."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self._direct: asyncio.StreamWriter | None = None
+
+    def direct(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = self._direct = writer
+
+    def close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
 
 
 async def unless_client_leaves(reader: asyncio.StreamReader, work: Any) -> Any:

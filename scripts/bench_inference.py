@@ -1,13 +1,14 @@
 """Benchmark: greedy generation through a swarm of peers on loopback vs local transformers, same weights, same run.
 
 For each model and peer count it makes a random-weight Llama checkpoint, starts the peers (an even split of the
-blocks) on 127.0.0.1, and alternates timed runs of greedy tokens through the swarm with peer-to-peer push (the
-default), through the swarm with client-relayed steps, and through local ``transformers.generate``. It prints one
-JSON line per (model, peers): tokens/s of each (medians over repeats), their ratio, the per-token overhead in ms,
-the round trip of one info call to a peer (the floor one hop costs here), and the CPU time per generated token of
-every process involved (from psutil, i.e. /proc): the client (all its threads), the client's helper processes
-(hivemind's DHT process and libp2p daemon), each peer, and the peers' helper processes, measured over the swarm
-runs with push.
+blocks) on 127.0.0.1, and alternates timed runs of greedy tokens through the swarm as a client makes them by default
+(direct TLS connections to the peers, steps relayed by the client), through the swarm over libp2p streams only
+(``direct=False``: peer-to-peer push through the libp2p daemons, the path before direct connections), and through
+local ``transformers.generate``. It prints one JSON line per (model, peers): tokens/s of each (medians over
+repeats), their ratios, the per-token overhead in ms, the round trip of one info call to a peer over libp2p, whether
+the sessions used direct connections, and the CPU time per generated token of every process involved (from psutil,
+i.e. /proc): the client (all its threads), the client's helper processes (hivemind's DHT process and libp2p daemon),
+each peer, and the peers' helper processes, measured over the default runs.
 
     python scripts/bench_inference.py [--models bench-small bench-110m] [--peers 2 4] [--repeats 5]
 """
@@ -124,10 +125,12 @@ def bench_model(name: str, workdir: Path, args: argparse.Namespace, peers: int) 
     extra = ["--log-level", "WARNING"]
     with LocalSwarm(path, peers=peers, threads_per_peer=args.threads_per_peer, extra_args=extra) as swarm:
         remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
-        relayed = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, push=False)
+        relayed = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, direct=False)
         try:
             for model in (remote, relayed, local):
                 timed_generate(model, prompt, 4)  # warm-up: connections, allocator, kernels
+            with remote.inference_session(max_length=8) as session:
+                direct = all(stream.direct for stream in session._streams)
             meter = CpuMeter(process_groups(swarm))
             swarm_speed, relay_speed, local_speed, ttfts, local_cpu = [], [], [], [], []
             identical = True
@@ -156,12 +159,14 @@ def bench_model(name: str, workdir: Path, args: argparse.Namespace, peers: int) 
         "peers": peers,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "direct_connections": direct,
         "swarm_tok_s": round(swarm_tok_s, 2),
-        "relay_tok_s": round(relay_tok_s, 2),
+        "libp2p_tok_s": round(relay_tok_s, 2),
         "local_tok_s": round(local_tok_s, 2),
         "ratio": round(swarm_tok_s / local_tok_s, 3),
-        "relay_ratio": round(relay_tok_s / local_tok_s, 3),
+        "libp2p_ratio": round(relay_tok_s / local_tok_s, 3),
         "overhead_ms_per_token": round(1000 / swarm_tok_s - 1000 / local_tok_s, 2),
+        "libp2p_overhead_ms_per_token": round(1000 / relay_tok_s - 1000 / local_tok_s, 2),
         "ttft_s": round(statistics.median(ttfts), 4),
         "hivemind_rtt_ms": round(rtt_ms, 2),
         "cpu_ms_per_token": {k: round(1000 * v / tokens, 2) for k, v in meter.totals.items()},

@@ -21,6 +21,9 @@ DOC = REPO / "docs" / "protocol.md"
 MESSAGES = [
     messages.OpenSession,
     messages.SessionOpened,
+    messages.DirectOffer,
+    messages.Attach,
+    messages.Attached,
     messages.Step,
     messages.StepReply,
     messages.Forward,

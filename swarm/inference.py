@@ -67,7 +67,13 @@ class InferenceSession:
     def _new_stream(self, span: RouteSpan) -> InferenceStream:
         cfg = self.sequence.config
         return InferenceStream(
-            self.sequence.p2p, span.peer_id, span.start, span.end, cfg.max_message_bytes, cfg.request_timeout
+            self.sequence.p2p,
+            span.peer_id,
+            span.start,
+            span.end,
+            cfg.max_message_bytes,
+            cfg.request_timeout,
+            direct=cfg.direct,
         )
 
     def open(self) -> InferenceSession:
@@ -154,7 +160,8 @@ class InferenceSession:
         the client, which keeps it as that next span's history (for failover) and waits for the next answer. If a
         pushed answer is late, the client sends the step itself (the peer computes a step only once); if a peer
         fails, its span is replaced and the rest of the step is relayed by the client."""
-        push = self.sequence.config.push and len(self._streams) > 1
+        # Over direct connections a relay by the client costs less than a push between peers through libp2p.
+        push = self.sequence.config.push and len(self._streams) > 1 and not all(s.direct for s in self._streams)
         if push:
             self._step_number += 1
         number = self._step_number if push else None

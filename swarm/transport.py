@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -28,6 +29,7 @@ from peers.wire import (
     INFO_HANDLER,
     TRAIN_HANDLER,
     Backward,
+    DirectOffer,
     Forward,
     ForwardReply,
     Gradients,
@@ -43,8 +45,10 @@ from peers.wire import (
     receive_message,
     send_message,
 )
+from swarm.direct import DirectConnectError, connect_direct
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class PeerError(RuntimeError):
@@ -128,20 +132,28 @@ class InferenceStream:
 
     One long-lived task reads the peer's replies as they come and queues them; a step waits for the next one. So
     a step costs no task of its own, and a reply that comes while nobody waits (a late push) is simply next.
+
+    With `direct`, the session asks for a direct connection (peers.direct, swarm.direct) and, if the peer offers
+    one that works, sends its steps there and reads replies from both (errors and the session's end come on the
+    stream); otherwise everything stays on the stream.
     """
 
-    def __init__(self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_bytes: int, timeout: float):
+    def __init__(
+        self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_bytes: int, timeout: float, direct: bool = False
+    ):
         self.p2p, self.peer_id, self.start, self.end = p2p, peer_id, start, end
-        self.max_bytes, self.timeout = max_bytes, timeout
+        self.max_bytes, self.timeout, self.want_direct = max_bytes, timeout, direct
+        self.direct = False  # steps go over an attached direct connection
         self.last_rtt = 0.0  # network part of the last step's round trip (s)
         self.last_elapsed = 0.0  # the whole last step as the client saw it, compute included (s)
         self.push_token: str | None = None  # lets the previous peer of a route push steps into this session
-        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._replies: collections.deque[runtime_pb2.ExpertResponse] = collections.deque()
         self._read_error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
-        self._reading: asyncio.Task | None = None
+        self._readers: list[asyncio.Task] = []
+        self._stream_writer: asyncio.StreamWriter | None = None  # the libp2p stream's, kept open while direct
+        self._stream_reader: asyncio.StreamReader | None = None
 
     @property
     def uid(self) -> str:
@@ -151,14 +163,27 @@ class InferenceStream:
         """Open the session; `adapters` (for these blocks) apply to all its steps."""
         try:
             opened = await open_stream(self.p2p, self.peer_id, INFERENCE_HANDLER, connect_timeout)
-            _, self._reader, self._writer = opened
-            opening = OpenSession(self.start, self.end, max_length, batch, adapters)
+            _, reader, self._writer = opened
+            self._stream_reader, self._stream_writer = reader, self._writer
+            opening = OpenSession(self.start, self.end, max_length, batch, adapters, direct=self.want_direct)
             await send_message(opening.encode(), self._writer)
-            self._reading = asyncio.create_task(self._read_replies())
-            self.push_token = SessionOpened.decode(await self._next_reply(connect_timeout)).push_token
+            self._readers.append(asyncio.create_task(self._read_replies(reader)))
+            session = SessionOpened.decode(await self._next_reply(connect_timeout))
+            self.push_token = session.push_token
+            if self.want_direct and session.direct is not None:
+                await self._attach(session.direct, session.session_id, connect_timeout)
         except Exception as e:
             await self.close()
             raise as_peer_error(self.peer_id, e) from e
+
+    async def _attach(self, offer: DirectOffer, session_id: int, timeout: float) -> None:
+        try:
+            reader, writer = await connect_direct(self.p2p, self.peer_id, offer, session_id, timeout)
+        except DirectConnectError as e:
+            logger.info(f"no direct connection to {self.peer_id} (the session uses the libp2p stream): {e}")
+            return
+        self._writer, self.direct = writer, True
+        self._readers.append(asyncio.create_task(self._read_replies(reader)))
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Send one step and wait for its answer (no push)."""
@@ -197,18 +222,21 @@ class InferenceStream:
         except BaseException as e:
             raise await self._failed(e) from e
 
-    async def _read_replies(self) -> None:
-        """The stream's one reader: every reply into the queue, then the end of the stream or the error."""
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        """A connection's one reader: every reply into the queue, then the end of the stream or the error."""
         try:
             while True:
-                response = await receive_message(self._reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes)
+                response = await receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes)
                 if response is None:
                     raise ConnectionError("the peer closed the session")
                 self._replies.append(response)
                 self._wake()
         except BaseException as e:
-            self._read_error = e
-            self._wake()
+            # Once a direct connection is attached, the peer answers everything there, its errors and the session's
+            # end included; the stream's end may come before them (another path) and says nothing new.
+            if reader is not self._stream_reader or not self.direct:
+                self._read_error = self._read_error or e
+                self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -242,12 +270,12 @@ class InferenceStream:
         return as_peer_error(self.peer_id, e) if isinstance(e, Exception) else e
 
     async def close(self) -> None:
-        if self._reading is not None:
-            self._reading.cancel()
-            self._reading = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for task in self._readers:
+            task.cancel()
+        self._readers = []
+        for writer in {self._writer, self._stream_writer} - {None}:
+            writer.close()
+        self._writer = self._stream_writer = None
 
 
 async def call_forward(p2p: P2P, peer_id: PeerID, request: Forward, max_bytes: int, timeout: float) -> torch.Tensor:

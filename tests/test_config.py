@@ -190,6 +190,11 @@ def test_missing_config_file(tmp_path):
         (["M", "--new-swarm", "--cache-tokens", "0"], "--cache-tokens"),
         (["M", "--new-swarm", "--max-batch", "-3"], "--max-batch"),
         (["--new-swarm"], "MODEL"),
+        (["M", "--new-swarm", "--direct-port", "70000"], "--direct-port"),
+        (["M", "--new-swarm", "--direct-host", "localhost"], "--direct-host: 'localhost' is not an IP address"),
+        (["M", "--new-swarm", "--direct-public-hosts", "1.2.3.4", "x"], "--direct-public-hosts: 'x'"),
+        (["M", "--new-swarm", "--direct-handshake-timeout", "0"], "--direct-handshake-timeout"),
+        (["M", "--new-swarm", "--direct-max-pending", "0"], "--direct-max-pending"),
     ],
 )
 def test_bad_values(argv, match):

@@ -20,7 +20,10 @@ from peers.wire.messages import (
     PROTOCOL_VERSION,
     PUSH_HANDLER,
     TRAIN_HANDLER,
+    Attach,
+    Attached,
     Backward,
+    DirectOffer,
     Forward,
     ForwardReply,
     Gradients,
@@ -34,6 +37,9 @@ from peers.wire.messages import (
 from peers.wire.validation import request_sizes
 
 __all__ = [
+    "Attach",
+    "Attached",
+    "DirectOffer",
     "BACKWARD_HANDLER",
     "FORWARD_HANDLER",
     "INFERENCE_HANDLER",

@@ -9,7 +9,10 @@ describes the exchanges; this module is their specification.
 Handlers and their exchanges (each a stream; "->" client to peer, "<-" peer to client):
 
 - inference: -> OpenSession, <- SessionOpened, then any number of -> Step / <- StepReply. A Step may instead come
-  from the previous peer of the route, pushed on the push handler (uid = the session's push token).
+  from the previous peer of the route, pushed on the push handler (uid = the session's push token). If the client
+  asked for it (OpenSession.direct) and the peer offers one (SessionOpened.direct, a DirectOffer), the client may
+  move the session's steps and replies to a direct TLS connection (peers.direct): there -> Attach, <- Attached,
+  then -> Step / <- StepReply; the stream stays open (closing it ends the session; error frames come on it).
 - forward: -> Forward, <- ForwardReply.
 - backward: -> Backward, <- Gradients (the peer recomputes the forward; nothing is kept between calls).
 - train: -> Forward, <- ForwardReply(held=...), then, if held, -> GradOutput, <- Gradients (from the held graph).
@@ -24,6 +27,7 @@ clients cut their batches to them.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -65,6 +69,9 @@ INFO_HANDLER = "blockswarm.v2.info"
 PUSH_HANDLER = "blockswarm.v2.push"  # peer-to-peer: a step's output pushed straight into the next peer's session
 MAX_PUSH_HOPS = 256  # longest chain of next peers one step may name
 PUSH_TOKEN_LENGTH = 32
+DIRECT_TICKET_LENGTH = 64  # hex characters: 256 random bits
+CERT_SHA256_LENGTH = 64
+MAX_DIRECT_HOSTS = 8
 MAX_COMPUTE_SECONDS = 86400.0
 
 LinearShape = Callable[[int, str], tuple[int, int]]  # (block, module) -> (in_features, out_features)
@@ -85,6 +92,8 @@ class _Key:
     HELD = "held"
     ADAPTERS = "adapters"
     LORA_SCALE = "lora_scale"
+    DIRECT = "direct"
+    TICKET = "ticket"
 
 
 def span_uid(start: int, end: int) -> str:
@@ -157,9 +166,12 @@ class OpenSession:
     batch: int
     adapters: Adapters = field(default_factory=Adapters)
     version: int = PROTOCOL_VERSION
+    direct: bool = False  # the client would take a DirectOffer for this session
 
     def encode(self) -> runtime_pb2.ExpertRequest:
         meta = {_Key.VERSION: self.version, _Key.MAX_LENGTH: self.max_length, _Key.BATCH: self.batch}
+        if self.direct:
+            meta[_Key.DIRECT] = True
         return _request(span_uid(self.start, self.end), self.adapters.values, meta | _adapters_meta(self.adapters))
 
     @classmethod
@@ -179,7 +191,54 @@ class OpenSession:
             batch, max_length, limits.hidden_size, dtype=WIRE_DTYPES.get(dtype, torch.float32), device="meta"
         )
         adapters = _decode_adapters(proto, meta, 0, like, start, end, limits, linear_shape)
-        return cls(start, end, max_length, batch, adapters, version)
+        return cls(start, end, max_length, batch, adapters, version, get_bool(meta, _Key.DIRECT, default=False))
+
+
+@dataclass(frozen=True)
+class DirectOffer:
+    """How the client may reach its session over a direct TLS connection to the peer (peers.direct): the hosts
+    (IP addresses) and port of the peer's listener, the SHA-256 of the listener's certificate (the client accepts
+    no other) and a one-time ticket naming the session. It travels inside the libp2p stream, which is encrypted and
+    authenticated by peer ID: whoever presents the ticket over TLS to a server holding that certificate is the
+    client that opened the session, talking to the peer that answered it."""
+
+    hosts: tuple[str, ...]
+    port: int
+    cert_sha256: str
+    ticket: str
+
+    def to_meta(self) -> list[Any]:
+        return [list(self.hosts), self.port, self.cert_sha256, self.ticket]
+
+    @classmethod
+    def from_meta(cls, value: Any) -> DirectOffer:
+        if not (isinstance(value, list) and len(value) == 4):
+            raise ProtocolError(f"metadata field {_Key.DIRECT!r} must be [hosts, port, cert_sha256, ticket]")
+        hosts, port, cert, ticket = value
+        if not (isinstance(hosts, list) and 0 < len(hosts) <= MAX_DIRECT_HOSTS):
+            raise ProtocolError(f"a direct offer names 1 to {MAX_DIRECT_HOSTS} hosts")
+        for host in hosts:
+            if not (isinstance(host, str) and len(host) <= 64 and _is_ip(host)):
+                raise ProtocolError(f"a direct offer's host must be an IP address, got {host!r:.80}")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ProtocolError(f"a direct offer's port must be in [1, 65535], got {port!r:.80}")
+        if not _is_hex(cert, CERT_SHA256_LENGTH):
+            raise ProtocolError(f"a direct offer's cert_sha256 must be {CERT_SHA256_LENGTH} lowercase hex characters")
+        if not _is_hex(ticket, DIRECT_TICKET_LENGTH):
+            raise ProtocolError(f"a direct offer's ticket must be {DIRECT_TICKET_LENGTH} lowercase hex characters")
+        return cls(tuple(hosts), port, cert, ticket)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_hex(value: Any, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass(frozen=True)
@@ -187,9 +246,12 @@ class SessionOpened:
     session_id: int
     push_token: str  # a capability: only peers the client names can push into this session
     version: int = PROTOCOL_VERSION
+    direct: DirectOffer | None = None  # only to a client that asked (OpenSession.direct)
 
     def encode(self) -> runtime_pb2.ExpertResponse:
         meta = {_Key.VERSION: self.version, _Key.SESSION_ID: self.session_id, _Key.PUSH_TOKEN: self.push_token}
+        if self.direct is not None:
+            meta[_Key.DIRECT] = self.direct.to_meta()
         return _response([], meta)
 
     @classmethod
@@ -199,7 +261,41 @@ class SessionOpened:
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"the peer speaks protocol version {version}, this client {PROTOCOL_VERSION}")
         session_id = get_int(meta, _Key.SESSION_ID, low=0, high=2**63)
-        return cls(session_id, get_hex_token(meta, _Key.PUSH_TOKEN, length=PUSH_TOKEN_LENGTH), version)
+        push_token = get_hex_token(meta, _Key.PUSH_TOKEN, length=PUSH_TOKEN_LENGTH)
+        offer = meta.get(_Key.DIRECT)
+        return cls(session_id, push_token, version, None if offer is None else DirectOffer.from_meta(offer))
+
+
+@dataclass(frozen=True)
+class Attach:
+    """First frame on a direct connection: the ticket of a DirectOffer. The peer closes a connection whose first
+    frame is anything else, or a ticket it does not hold (each is good once, while its session lasts)."""
+
+    ticket: str
+
+    def encode(self) -> runtime_pb2.ExpertRequest:
+        return runtime_pb2.ExpertRequest(metadata=encode_metadata({_Key.TICKET: self.ticket}))
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertRequest) -> Attach:
+        return cls(get_hex_token(decode_metadata(proto.metadata), _Key.TICKET, length=DIRECT_TICKET_LENGTH))
+
+
+@dataclass(frozen=True)
+class Attached:
+    """The peer's answer to Attach: from now on this session's steps and replies use the direct connection."""
+
+    session_id: int
+
+    def encode(self) -> runtime_pb2.ExpertResponse:
+        return _response([], {_Key.SESSION_ID: self.session_id})
+
+    @classmethod
+    def decode(cls, proto: runtime_pb2.ExpertResponse, session_id: int) -> Attached:
+        got = get_int(decode_metadata(proto.metadata), _Key.SESSION_ID, low=0, high=2**63)
+        if got != session_id:
+            raise ProtocolError(f"the direct connection attached session {got}, not this session {session_id}")
+        return cls(got)
 
 
 @dataclass(frozen=True)
@@ -251,7 +347,7 @@ def _decode_push(chain: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _is_push_token(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == PUSH_TOKEN_LENGTH and all(c in "0123456789abcdef" for c in value)
+    return _is_hex(value, PUSH_TOKEN_LENGTH)
 
 
 @dataclass(frozen=True)
