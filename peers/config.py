@@ -127,8 +127,8 @@ class PeerConfig(DhtNodeConfig):
         "clients' work in between",
         default=4096,
     )
-    no_direct: bool = option(
-        "never offer clients a direct TLS connection for their inference sessions (they then use the libp2p stream)",
+    direct: bool = option(
+        "offer clients a direct TLS connection for their inference sessions (off the libp2p daemons; see README)",
         default=False,
     )
     direct_host: str | None = option(

@@ -294,9 +294,10 @@ class Peer:
             await self.service.resume(self.span, limits, info)
 
     async def direct_listener(self) -> DirectListener | None:
-        """The listener for clients' direct connections (peers.direct), unless turned off or no address to offer."""
+        """The listener for clients' direct connections (peers.direct), if asked for and there is an address to
+        offer."""
         config = self.config
-        if config.no_direct:
+        if not config.direct:
             return None
         visible = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
         listen, public = direct_hosts(

@@ -1,14 +1,14 @@
 """Benchmark: greedy generation through a swarm of peers on loopback vs local transformers, same weights, same run.
 
 For each model and peer count it makes a random-weight Llama checkpoint, starts the peers (an even split of the
-blocks) on 127.0.0.1, and alternates timed runs of greedy tokens through the swarm as a client makes them by default
-(direct TLS connections to the peers, steps relayed by the client), through the swarm over libp2p streams only
-(``direct=False``: peer-to-peer push through the libp2p daemons, the path before direct connections), and through
-local ``transformers.generate``. It prints one JSON line per (model, peers): tokens/s of each (medians over
-repeats), their ratios, the per-token overhead in ms, the round trip of one info call to a peer over libp2p, whether
-the sessions used direct connections, and the CPU time per generated token of every process involved (from psutil,
+blocks) on 127.0.0.1, and alternates timed runs of greedy tokens through three clients of the swarm (VARIANTS: the
+default, with direct TLS connections to the peers and peer-to-peer push; the same with steps relayed by the client,
+``push=False``; libp2p streams only, ``direct=False``, the path before direct connections) and through local
+``transformers.generate``. It prints one JSON line per (model, peers): tokens/s of each (medians over repeats),
+their ratios to local and per-token overheads in ms, whether the sessions used direct connections, the round trip of
+one info call to a peer over libp2p, and the CPU time per generated token of every process involved (from psutil,
 i.e. /proc): the client (all its threads), the client's helper processes (hivemind's DHT process and libp2p daemon),
-each peer, and the peers' helper processes, measured over the default runs.
+each peer, and the peers' helper processes, measured over the default client's runs.
 
     python scripts/bench_inference.py [--models bench-small bench-110m] [--peers 2 4] [--repeats 5]
 """
@@ -16,6 +16,7 @@ each peer, and the peers' helper processes, measured over the default runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -114,59 +115,70 @@ def process_groups(swarm: LocalSwarm) -> dict[str, list[psutil.Process]]:
     return groups
 
 
-def bench_model(name: str, workdir: Path, args: argparse.Namespace, peers: int) -> dict:
-    path = workdir / name
+# Clients compared in one run: the default (direct connections where peers offer them, peer-to-peer push), steps
+# relayed by the client over the direct connections, and libp2p streams only (push through the daemons).
+VARIANTS: dict[str, dict] = {"swarm": {}, "relay": {"push": False}, "libp2p": {"direct": False}}
+
+
+def bench_model(name_of_model: str, workdir: Path, args: argparse.Namespace, peers: int) -> dict:
+    path = workdir / name_of_model
     if not path.exists():
-        make_random_checkpoint(path, "llama", **PRESETS[name])
+        make_random_checkpoint(path, "llama", **PRESETS[name_of_model])
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     n_params = sum(p.numel() for p in local.parameters())
     torch.manual_seed(0)
     prompt = torch.randint(0, local.config.vocab_size, (1, args.prompt_len))
     extra = ["--log-level", "WARNING"]
     with LocalSwarm(path, peers=peers, threads_per_peer=args.threads_per_peer, extra_args=extra) as swarm:
-        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
-        relayed = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, direct=False)
+        clients = {
+            name: AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, **settings)
+            for name, settings in VARIANTS.items()
+        }
+        remote = clients["swarm"]
         try:
-            for model in (remote, relayed, local):
+            for model in (*clients.values(), local):
                 timed_generate(model, prompt, 4)  # warm-up: connections, allocator, kernels
             with remote.inference_session(max_length=8) as session:
                 direct = all(stream.direct for stream in session._streams)
             meter = CpuMeter(process_groups(swarm))
-            swarm_speed, relay_speed, local_speed, ttfts, local_cpu = [], [], [], [], []
+            speeds: dict[str, list[float]] = {name: [] for name in (*VARIANTS, "local")}
+            ttfts, local_cpu = [], []
             identical = True
             for _ in range(args.repeats):
-                with meter:
-                    s, ttft, out_s = timed_generate(remote, prompt, args.new_tokens)
-                r, _, out_r = timed_generate(relayed, prompt, args.new_tokens)
+                outputs = []
+                for name, model in clients.items():
+                    with meter if name == "swarm" else contextlib.nullcontext():
+                        speed, ttft, out = timed_generate(model, prompt, args.new_tokens)
+                    speeds[name].append(speed)
+                    outputs.append(out)
+                    if name == "swarm":
+                        ttfts.append(ttft)
                 began = time.process_time()
-                lo, _, out_l = timed_generate(local, prompt, args.new_tokens)
+                speed, _, expected = timed_generate(local, prompt, args.new_tokens)
                 local_cpu.append(time.process_time() - began)
-                swarm_speed += [s]
-                relay_speed += [r]
-                local_speed += [lo]
-                ttfts += [ttft]
-                identical &= torch.equal(out_s, out_l) and torch.equal(out_r, out_l)
+                speeds["local"].append(speed)
+                identical &= all(torch.equal(out, expected) for out in outputs)
             rtt_ms = rtt_floor_ms(remote)
         finally:
-            remote.shutdown()
-            relayed.shutdown()
+            for model in clients.values():
+                model.shutdown()
     tokens = args.repeats * args.new_tokens
-    swarm_tok_s, local_tok_s = statistics.median(swarm_speed), statistics.median(local_speed)
-    relay_tok_s = statistics.median(relay_speed)
-    return {
-        "model": name,
+    tok_s = {name: statistics.median(values) for name, values in speeds.items()}
+    result = {
+        "model": name_of_model,
         "params_m": round(n_params / 1e6, 1),
         "peers": peers,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "direct_connections": direct,
-        "swarm_tok_s": round(swarm_tok_s, 2),
-        "libp2p_tok_s": round(relay_tok_s, 2),
-        "local_tok_s": round(local_tok_s, 2),
-        "ratio": round(swarm_tok_s / local_tok_s, 3),
-        "libp2p_ratio": round(relay_tok_s / local_tok_s, 3),
-        "overhead_ms_per_token": round(1000 / swarm_tok_s - 1000 / local_tok_s, 2),
-        "libp2p_overhead_ms_per_token": round(1000 / relay_tok_s - 1000 / local_tok_s, 2),
+    }
+    for name in VARIANTS:
+        prefix = "" if name == "swarm" else f"{name}_"
+        result[f"{prefix}tok_s"] = round(tok_s[name], 2)
+        result[f"{prefix}ratio"] = round(tok_s[name] / tok_s["local"], 3)
+        result[f"{prefix}overhead_ms_per_token"] = round(1000 / tok_s[name] - 1000 / tok_s["local"], 2)
+    return result | {
+        "local_tok_s": round(tok_s["local"], 2),
         "ttft_s": round(statistics.median(ttfts), 4),
         "hivemind_rtt_ms": round(rtt_ms, 2),
         "cpu_ms_per_token": {k: round(1000 * v / tokens, 2) for k, v in meter.totals.items()},

@@ -22,9 +22,9 @@ class ClientConfig:
     wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to peers
     max_message_bytes: int = 256 * 1024**2  # refuse larger answers from a peer
     push: bool = True  # peers push each step's output straight to the next peer (False: the client relays it)
-    # inference sessions move their steps to a direct TLS connection where the peer offers one (peers.direct);
-    # when every span of a route has one, the client relays steps itself (no push: fewer hops than via libp2p)
-    direct: bool = True
+    # inference sessions move their steps to a direct TLS connection where the peer offers one (peers.direct,
+    # `swarm-peer --direct`); off by default: on loopback with 2 cores it measured no faster than libp2p streams
+    direct: bool = False
     push_grace: float = 1.0  # seconds to wait for a pushed step's answer before sending the step directly
     max_prefill_tokens: int = 512  # a longer prompt is sent to a session in chunks of this many tokens
     snapshot_ttl: float = 10.0  # seconds a view of the swarm is reused before asking the DHT again

@@ -160,8 +160,7 @@ class InferenceSession:
         the client, which keeps it as that next span's history (for failover) and waits for the next answer. If a
         pushed answer is late, the client sends the step itself (the peer computes a step only once); if a peer
         fails, its span is replaced and the rest of the step is relayed by the client."""
-        # Over direct connections a relay by the client costs less than a push between peers through libp2p.
-        push = self.sequence.config.push and len(self._streams) > 1 and not all(s.direct for s in self._streams)
+        push = self.sequence.config.push and len(self._streams) > 1
         if push:
             self._step_number += 1
         number = self._step_number if push else None

@@ -10,7 +10,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import start_swarm
 from hivemind.proto import runtime_pb2
+from test_push import peer_stats
 
 import swarm.transport
 from blocks.adapters import Adapters
@@ -69,8 +71,17 @@ def test_addresses_offered():
 
 
 @pytest.fixture(scope="module")
-def client(llama_ckpt, llama_swarm):
-    model = AutoDistributedModelForCausalLM.from_pretrained(llama_ckpt, initial_peers=llama_swarm.initial_peers)
+def direct_swarm(llama_ckpt):
+    swarm = start_swarm(llama_ckpt, extra_args=["--direct"])
+    yield swarm
+    swarm.stop_checked()
+
+
+@pytest.fixture(scope="module")
+def client(llama_ckpt, direct_swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        llama_ckpt, initial_peers=direct_swarm.initial_peers, direct=True
+    )
     yield model
     model.shutdown()
 
@@ -88,13 +99,40 @@ async def open_raw(sequence, span) -> tuple[SessionOpened, object]:
     return SessionOpened.decode(response), writer
 
 
-def test_generation_over_direct_connections_matches_transformers(client, llama_ckpt, local_model):
-    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(3))
-    expected = local_model(llama_ckpt).generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    with client.inference_session(max_length=32, batch_size=2) as session:
-        out = client.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-        assert len(session._streams) == 2 and all(stream.direct for stream in session._streams)
-    assert torch.equal(out, expected)
+@pytest.mark.parametrize("push", [True, False], ids=["push", "client-relayed"])
+def test_generation_over_direct_connections_matches_transformers(push, client, llama_ckpt, local_model):
+    """Steps and replies over direct connections, the output pushed between the peers through libp2p or relayed by
+    the client: the same tokens as transformers, each step computed once by each peer."""
+    client.model.sequence.config.push = push
+    try:
+        ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(3))
+        expected = local_model(llama_ckpt).generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        before = peer_stats(client)
+        with client.inference_session(max_length=32, batch_size=2) as session:
+            out = client.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+            assert len(session._streams) == 2 and all(stream.direct for stream in session._streams)
+            route = [s.peer_id.to_base58() for s in session.route]
+        assert torch.equal(out, expected)
+        after = peer_stats(client)
+        first, second = ({k: after[p][k] - before[p][k] for k in ("inference_steps", "pushes")} for p in route)
+        assert first["inference_steps"] == second["inference_steps"] == 10
+        assert first["pushes"] == (10 if push else 0) and second["pushes"] == 0
+    finally:
+        client.model.sequence.config.push = True
+
+
+def test_clients_and_peers_without_direct_use_the_stream(llama_ckpt, llama_swarm, direct_swarm):
+    """Direct connections take both sides: a peer without --direct offers none; a client without direct asks none."""
+    for peers, wants in ((llama_swarm, True), (direct_swarm, False)):
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            llama_ckpt, initial_peers=peers.initial_peers, direct=wants
+        )
+        try:
+            with model.inference_session(max_length=8) as session:
+                assert not any(stream.direct for stream in session._streams)
+                model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+        finally:
+            model.shutdown()
 
 
 def test_listener_admits_only_the_offered_ticket_and_certificate(client):
@@ -144,3 +182,28 @@ def test_a_session_that_cannot_attach_stays_on_its_stream(client, llama_ckpt, lo
         out = client.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         assert not any(stream.direct for stream in session._streams)
     assert torch.equal(out, expected)
+
+
+def test_a_peer_killed_mid_session_fails_over_with_direct_connections(llama_ckpt, local_model):
+    """kill -9 of the peer serving blocks 2-3 over a direct connection: the replica takes over (its session replayed,
+    over its own direct connection) and the tokens are those of transformers."""
+    from test_failover import kill_serving
+
+    swarm_ = start_swarm(llama_ckpt, peers=3, spans=[(0, 2), (2, 4), (2, 4)], extra_args=["--direct"])
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        llama_ckpt, initial_peers=swarm_.initial_peers, direct=True, check_rate=0.0
+    )
+    try:
+        ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(31))
+        expected = local_model(llama_ckpt).generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        with model.inference_session(max_length=64) as session:
+            first = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            victim = session.route[-1].peer_id
+            kill_serving(swarm_, victim)
+            out = model.generate(None, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            assert session.failovers == 1 and session.route[-1].peer_id != victim
+            assert all(stream.direct for stream in session._streams)
+        assert torch.equal(first, expected[:, :22]) and torch.equal(out, expected)
+    finally:
+        model.shutdown()
+        swarm_.stop()  # one peer was killed on purpose: exit codes are not checked

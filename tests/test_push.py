@@ -1,6 +1,5 @@
-"""Peer-to-peer push (the libp2p path): each peer sends its output straight into the next peer's session, and every
-step is still computed exactly once per peer whether it arrives pushed, sent by the client, or both. Over direct
-connections (the default where peers offer them) the client relays every step and nothing is pushed."""
+"""Peer-to-peer push: each peer sends its output straight into the next peer's session, and every step is still
+computed exactly once per peer whether it arrives pushed, sent by the client, or both."""
 
 from __future__ import annotations
 
@@ -22,13 +21,8 @@ def peer_stats(model) -> dict[str, dict]:
 
 @pytest.mark.parametrize(
     "settings",
-    [
-        dict(direct=False, push=True),
-        dict(direct=False, push=True, push_grace=1e-4),
-        dict(direct=False, push=False),
-        dict(direct=True, push=True),
-    ],
-    ids=["push", "push-always-late", "client-relayed", "direct"],
+    [dict(push=True), dict(push=True, push_grace=1e-4), dict(push=False)],
+    ids=["push", "push-always-late", "client-relayed"],
 )
 def test_each_step_is_computed_once_per_peer(settings, llama_ckpt, llama_swarm, local_model):
     model = AutoDistributedModelForCausalLM.from_pretrained(
@@ -41,8 +35,6 @@ def test_each_step_is_computed_once_per_peer(settings, llama_ckpt, llama_swarm, 
         with model.inference_session(max_length=32) as session:
             out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
             route = [s.peer_id.to_base58() for s in session.route]
-            # direct connections where asked (the peers offer them); then the client relays: no push
-            assert [stream.direct for stream in session._streams] == [settings["direct"]] * 2
         assert torch.equal(out, expected)
         after = peer_stats(model)
         assert len(route) == 2, route
@@ -53,7 +45,7 @@ def test_each_step_is_computed_once_per_peer(settings, llama_ckpt, llama_swarm, 
         # A late push is answered once, however the step arrived: both peers ran the same steps, once each.
         assert first["inference_steps"] == second["inference_steps"] > 0
         assert first["tokens_processed"] == second["tokens_processed"] == 7 + 11
-        if settings["push"] and not settings["direct"]:
+        if settings["push"]:
             assert first["pushes"] == first["inference_steps"]  # the first peer pushed every step to the second
         else:
             assert first["pushes"] == 0
