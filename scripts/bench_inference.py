@@ -1,14 +1,15 @@
 """Benchmark: greedy generation through a swarm of peers on loopback vs local transformers, same weights, same run.
 
 For each model and peer count it makes a random-weight Llama checkpoint, starts the peers (an even split of the
-blocks) on 127.0.0.1, and alternates timed runs of greedy tokens through three clients of the swarm (VARIANTS: the
-default, with direct TLS connections to the peers and peer-to-peer push; the same with steps relayed by the client,
-``push=False``; libp2p streams only, ``direct=False``, the path before direct connections) and through local
-``transformers.generate``. It prints one JSON line per (model, peers): tokens/s of each (medians over repeats),
-their ratios to local and per-token overheads in ms, whether the sessions used direct connections, the round trip of
-one info call to a peer over libp2p, and the CPU time per generated token of every process involved (from psutil,
-i.e. /proc): the client (all its threads), the client's helper processes (hivemind's DHT process and libp2p daemon),
-each peer, and the peers' helper processes, measured over the default client's runs.
+blocks) on 127.0.0.1 (offering direct connections), and alternates timed runs of greedy tokens through three clients
+of the swarm (VARIANTS: the default, over libp2p streams with peer-to-peer push; ``direct=True``, steps and replies
+over direct TLS connections, push still through libp2p; the same with steps relayed by the client, ``push=False``)
+and through local ``transformers.generate``. It prints one JSON line per (model, peers): tokens/s of each (medians
+over repeats), their ratios to local and per-token overheads in ms, whether the direct client's sessions did use
+direct connections, the round trip of one info call to a peer over libp2p, and the CPU time per generated token of
+every process involved (from psutil, i.e. /proc): the client (all its threads), the client's helper processes
+(hivemind's DHT process and libp2p daemon), each peer, and the peers' helper processes, measured over the default
+client's runs.
 
     python scripts/bench_inference.py [--models bench-small bench-110m] [--peers 2 4] [--repeats 5]
 """
@@ -115,9 +116,9 @@ def process_groups(swarm: LocalSwarm) -> dict[str, list[psutil.Process]]:
     return groups
 
 
-# Clients compared in one run: the default (direct connections where peers offer them, peer-to-peer push), steps
-# relayed by the client over the direct connections, and libp2p streams only (push through the daemons).
-VARIANTS: dict[str, dict] = {"swarm": {}, "relay": {"push": False}, "libp2p": {"direct": False}}
+# Clients compared in one run (the peers offer direct connections): the default (libp2p streams, peer-to-peer push
+# through the daemons), direct TLS connections with push, and direct connections with steps relayed by the client.
+VARIANTS: dict[str, dict] = {"swarm": {}, "direct": {"direct": True}, "direct_relay": {"direct": True, "push": False}}
 
 
 def bench_model(name_of_model: str, workdir: Path, args: argparse.Namespace, peers: int) -> dict:
@@ -128,7 +129,7 @@ def bench_model(name_of_model: str, workdir: Path, args: argparse.Namespace, pee
     n_params = sum(p.numel() for p in local.parameters())
     torch.manual_seed(0)
     prompt = torch.randint(0, local.config.vocab_size, (1, args.prompt_len))
-    extra = ["--log-level", "WARNING"]
+    extra = ["--log-level", "WARNING", "--direct"]
     with LocalSwarm(path, peers=peers, threads_per_peer=args.threads_per_peer, extra_args=extra) as swarm:
         clients = {
             name: AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, **settings)
@@ -138,7 +139,7 @@ def bench_model(name_of_model: str, workdir: Path, args: argparse.Namespace, pee
         try:
             for model in (*clients.values(), local):
                 timed_generate(model, prompt, 4)  # warm-up: connections, allocator, kernels
-            with remote.inference_session(max_length=8) as session:
+            with clients["direct"].inference_session(max_length=8) as session:
                 direct = all(stream.direct for stream in session._streams)
             meter = CpuMeter(process_groups(swarm))
             speeds: dict[str, list[float]] = {name: [] for name in (*VARIANTS, "local")}
