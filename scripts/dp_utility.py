@@ -123,13 +123,15 @@ def train_once(model, task: Task, args: argparse.Namespace, epsilon: float | Non
             batch = dpsgd.sample_batch()
             grads = None
             if batch:  # per-example replicas of every trainable: exact per-example gradients in one backward
-                replicas = dpsgd.per_example(len(batch))
-                with model.tuning.override(replicas.tensors):
-                    logits = class_logits(model, task.train[batch], task.label_tokens)
-                    per_example = F.cross_entropy(logits, task.train_labels[batch], reduction="none")
-                    per_example.sum().backward()
-                grads = replicas.grads()
-                loss = per_example.mean().detach()
+                grads, per_example = model.tuning.per_example_gradients(
+                    dpsgd.per_example(len(batch)),
+                    lambda rows=batch: F.cross_entropy(
+                        class_logits(model, task.train[rows], task.label_tokens),
+                        task.train_labels[rows],
+                        reduction="none",
+                    ),
+                )
+                loss = per_example.mean()
                 norms.append(per_example_norms(grads).median().item())
             dpsgd.step(grads)
         optimizer.step()

@@ -74,10 +74,9 @@ def train(model, data: torch.Tensor, steps: int, lr: float, dp: bool) -> None:
             batch = dpsgd.sample_batch()
             grads = None
             if batch:  # per-example replicas of every trainable: exact per-example gradients in one backward
-                replicas = dpsgd.per_example(len(batch))
-                with model.tuning.override(replicas.tensors):
-                    per_example_losses(model, data[batch]).sum().backward()
-                grads = replicas.grads()
+                grads, _ = model.tuning.per_example_gradients(
+                    dpsgd.per_example(len(batch)), lambda rows=batch: per_example_losses(model, data[rows])
+                )
             report = dpsgd.step(grads)
             with torch.no_grad():
                 loss = per_example_losses(model, data).mean()  # on all the data, for the printout only

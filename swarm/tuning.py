@@ -19,7 +19,7 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from blocks.adapters import DEEP_PROMPTS, LORA_MODULES, Adapters, add_prompt, lora_name, parse_lora_name
+from privacy.per_example import PerExampleParameters
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 SHALLOW_PROMPTS = "prompts"
@@ -187,6 +188,17 @@ class ClientTuning(nn.Module):
             yield
         finally:
             self._override = previous
+
+    def per_example_gradients(
+        self, replicas: PerExampleParameters, losses: Callable[[], torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Exact per-example gradients of the trainables in one backward (for DP-SGD; privacy.per_example):
+        `losses()` runs with the trainables replaced by `replicas` and returns one loss per example, whose sum is
+        backpropagated. Returns each trainable's per-example gradients and the losses (detached)."""
+        with self.override(replicas.tensors):
+            per_example = losses()
+            per_example.sum().backward()
+        return replicas.grads(), per_example.detach()
 
     # ---- PEFT format ----
 

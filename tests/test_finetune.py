@@ -186,9 +186,9 @@ def test_dp_sgd_per_example_gradients_through_swarm_are_exact(client, llama_ckpt
 
     dpsgd = DPSGD(params, config)
     replicas = dpsgd.per_example(ids.shape[0])
-    with client.tuning.override(replicas.tensors):
-        lm_loss(client(ids).logits, ids, reduction="none").sum().backward()
-    swarm_grads = replicas.grads()
+    swarm_grads, _ = client.tuning.per_example_gradients(
+        replicas, lambda: lm_loss(client(ids).logits, ids, reduction="none")
+    )
 
     client.tuning.save_pretrained(tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(
