@@ -54,6 +54,10 @@ class BlockSpan(nn.Module):
         return int(self.config.hidden_size)
 
     @property
+    def device(self) -> torch.device:
+        return self.layers[0].input_layernorm.weight.device
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype activations are computed in (quantized weights keep their own storage types)."""
         return self.layers[0].input_layernorm.weight.dtype

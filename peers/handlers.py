@@ -25,6 +25,7 @@ from hivemind.proto import runtime_pb2
 from blocks.adapters import Adapters, check_prompt_positions, linear_module, run_span
 from blocks.batching import Segment, run_segments
 from blocks.span import BlockSpan
+from peers import trace
 from peers.direct import Connection, DirectListener
 from peers.push import Pushed, PushRouter, short_id
 from peers.quotas import (
@@ -156,12 +157,10 @@ class BlockService:
         return await self.scheduler.run(fn, tokens, lambda: self._check_serving(generation), client, cost)
 
     def _step_input(self, session: PeerSession, hidden: torch.Tensor) -> tuple[PeerSession, torch.Tensor]:
-        device = next(self.span.parameters()).device
-        return session, hidden.to(device, self.span.dtype)
+        return session, hidden.to(self.span.device, self.span.dtype)
 
     def _forward_input(self, forward: Forward) -> tuple[Forward, torch.Tensor]:
-        device = next(self.span.parameters()).device
-        return forward, forward.hidden.to(device, self.span.dtype)
+        return forward, forward.hidden.to(self.span.device, self.span.dtype)
 
     def _run_step_batch(self, inputs: list[tuple[PeerSession | Forward, torch.Tensor]]) -> list[torch.Tensor]:
         """One computation for a batch of one group (peers.scheduler): steps of several sessions, each in its own
@@ -170,6 +169,8 @@ class BlockService:
         if isinstance(first, Forward):
             out = run_span(self.span, torch.cat([x for _, x in inputs]), first.start, first.end)
             return list(out.split([x.shape[0] for _, x in inputs]))
+        if trace.ENABLED:
+            trace.event(trace.place("peer", first.start, first.end), trace.COMPUTE_BEGAN)
         if len(inputs) == 1:
             # A session alone (the common case when decoding): the span's own forward, as transformers computes
             # it, without the segment bookkeeping a batch needs (~0.5 ms of Python per step on a small model).
@@ -180,6 +181,8 @@ class BlockService:
             outputs = run_segments(self.span, [x for _, x in inputs], segments, first.start, first.end)
         for session, x in inputs:
             session.position += x.shape[1]
+        if trace.ENABLED:
+            trace.event(trace.place("peer", first.start, first.end), trace.COMPUTE_ENDED)
         return outputs
 
     def _run_blocks(
@@ -476,7 +479,7 @@ class BlockService:
         chunk = max(1, self.batching.prefill_chunk_tokens // rows)
         outputs = []
         for offset in range(0, length, chunk):
-            piece = hidden[:, offset : offset + chunk]
+            piece = hidden if length <= chunk else hidden[:, offset : offset + chunk]
             prepare = functools.partial(self._step_input, session, piece)
             group = (session.start, session.end)
             out = await self.scheduler.step(prepare, rows * piece.shape[1], group, client, check, session.session_id)
@@ -509,6 +512,7 @@ class BlockService:
         charges: collections.deque[int],
     ) -> None:
         last_step = -1
+        where = trace.place("peer", session.start, session.end)
         served = 0  # bytes charged for the client's frame served last: given back once it is answered
         while True:
             holding.give_back(Resource.REQUEST_BYTES, served)
@@ -519,6 +523,8 @@ class BlockService:
                 return
             if isinstance(request, BaseException):
                 raise request
+            if trace.ENABLED:
+                trace.event(where, trace.RECEIVED)
             pushed = isinstance(request, Pushed)
             if not pushed and charges:
                 served = charges.popleft()
@@ -536,17 +542,25 @@ class BlockService:
             if step.step is not None:
                 last_step = step.step
             tokens = step.hidden.shape[1]
+            if trace.ENABLED:
+                trace.event(where, trace.ACCEPTED, step.step)
             began = time.perf_counter()
             output = await self._step(session, step.hidden, generation, client)
             compute_s = time.perf_counter() - began
+            if trace.ENABLED:
+                trace.event(where, trace.COMPUTED, step.step)
             self.stats["inference_steps"] += 1
             self._count(None, session.start, session.end, step.hidden.shape[0] * tokens)
             encoded = encode_tensor(output)  # once, for the next peer and for the client
             if step.push:
                 await self.push.push(step, encoded)
+                if trace.ENABLED:
+                    trace.event(where, trace.PUSHED, step.step)
             # session.position is the cache's length: BlockSpan checks every layer it used against it
             reply = StepReply(encoded, session.position, compute_s, step.step)
             await send_message(reply.encode(), replies.writer)
+            if trace.ENABLED:
+                trace.event(where, trace.REPLIED, step.step)
 
     async def _first_request(
         self, reader: asyncio.StreamReader, holding: Holding

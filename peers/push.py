@@ -18,6 +18,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
+from peers import trace
 from peers.wire import PUSH_HANDLER, ProtocolError, Step, receive_message, send_message
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class PushRouter:
                 request = await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes=self._max_message_bytes())
                 if request is None:
                     return
+                if trace.ENABLED:
+                    trace.event("peer", trace.PUSH_ARRIVED)
                 inbox = self._inboxes.get(request.uid)
                 if inbox is None:
                     continue  # that session ended (or never existed)

@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from blocks.adapters import Adapters
+from peers import trace
 from peers.wire import Step
 from privacy.exposure import ExposureLedger
 from swarm.failover import Failover
@@ -136,7 +137,11 @@ class InferenceSession:
         try:
             for offset in range(0, hidden.shape[1], chunk):
                 piece = hidden[:, offset : offset + chunk].to(self.sequence.config.wire_dtype)
+                if trace.ENABLED:
+                    trace.event(trace.CLIENT, trace.STEP_CALLED)
                 outputs.append(self.sequence.loop.run(self._step_all(piece, position + offset)))
+                if trace.ENABLED:
+                    trace.event(trace.CLIENT, trace.STEP_RETURNED)
         except BaseException:
             self.close()  # failover gave up: the caches can no longer be trusted
             raise
@@ -187,8 +192,11 @@ class InferenceSession:
         i = 0
         while i < len(self._streams):
             stream = self._streams[i]
+            where = trace.place("client", stream.start, stream.end) if trace.ENABLED else ""
             try:
                 if not push:
+                    if trace.ENABLED:
+                        trace.event(where, trace.SENT, number)
                     output = await stream.step(hidden, position)
                 else:
                     expected = Step(hidden, position, number)
@@ -198,6 +206,8 @@ class InferenceSession:
                         if output is None:
                             logger.debug(f"push to blocks {stream.uid} is late; sending step {number} directly")
                     if output is None:
+                        if trace.ENABLED:
+                            trace.event(where, trace.SENT, number)
                         chain = () if relay_rest else self._push_chain(i + 1)
                         await stream.send(Step(hidden, position, number, chain))
                         output = await stream.receive(expected)
@@ -208,6 +218,8 @@ class InferenceSession:
                 # have had the step pushed already and must not compute it twice.
                 relay_rest, direct = True, True
                 continue  # the same input, now to the replacement
+            if trace.ENABLED:
+                trace.event(where, trace.OUTPUT, number)
             self._remember(i, hidden, position)
             if self.sequence.checker.sample():
                 checks.append(asyncio.create_task(self._check_step(i, position, hidden.shape[1], output)))

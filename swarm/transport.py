@@ -22,6 +22,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from blocks.adapters import Adapters
+from peers import trace
 from peers.wire import (
     BACKWARD_HANDLER,
     FORWARD_HANDLER,
@@ -229,6 +230,8 @@ class InferenceStream:
                 response = await receive_message(reader, runtime_pb2.ExpertResponse, max_bytes=self.max_bytes)
                 if response is None:
                     raise ConnectionError("the peer closed the session")
+                if trace.ENABLED:
+                    trace.event(trace.place("client", self.start, self.end), trace.REPLY_READ)
                 self._replies.append(response)
                 self._wake()
         except BaseException as e:

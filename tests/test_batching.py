@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import start_swarm, wait_until
 from blocks.batching import Segment, run_segments
 from blocks.checkpoint import open_checkpoint
 from blocks.span import load_span
-from peers.scheduler import BatchSettings, Candidate, select_batch
+from peers.scheduler import BatchSettings, Candidate, ComputeScheduler, select_batch
 from peers.wire import Step
 from swarm import AutoDistributedModelForCausalLM
 from swarm.transport import call_info
@@ -84,6 +85,47 @@ def test_select_batch_round_robin_and_client_share():
     assert select_batch([Candidate("a", 0, 3), Candidate("b", 1, 1), Candidate("c", 0, 2)], settings) == [0, 2]
     # no batching
     assert select_batch(greedy, BatchSettings(max_batch_sessions=1)) == [0]
+
+
+def test_a_lone_small_step_skips_the_queue_and_anything_else_goes_through_it():
+    """The fast path (ComputeScheduler._step_now) computes what the queue would, with the same checks, and is taken
+    only when nothing waits or runs, one session is open and the step is small."""
+
+    async def scenario() -> None:
+        scheduler = ComputeScheduler(BatchSettings(inline_tokens=4), lambda inputs: [x * 10 for x in inputs])
+        sessions = 1
+        scheduler.open_sessions = lambda: sessions
+        assert await scheduler.step(lambda: 3, 1, "g", "a", session="s1") == 30
+        assert scheduler._worker is None and scheduler.batches == 1  # no worker task: no turn through the queue
+
+        def refuse() -> None:
+            raise RuntimeError("not serving these blocks")
+
+        with pytest.raises(RuntimeError, match="not serving"):
+            await scheduler.step(lambda: 3, 1, "g", "a", check=refuse, session="s1")
+        with pytest.raises(ValueError, match="cache"):
+            await scheduler.step(lambda: (_ for _ in ()).throw(ValueError("cache too short")), 1, "g", "a")
+        assert scheduler.batches == 1  # neither computed anything
+
+        assert await scheduler.step(lambda: 4, 5, "g", "a", session="s1") == 40  # over inline_tokens: queued
+        assert scheduler._worker is not None and scheduler.batches == 2
+        scheduler._worker.cancel()
+        scheduler._worker = None
+        sessions = 2  # another session is open: its step may share the batch
+        assert await scheduler.step(lambda: 5, 1, "g", "a", session="s1") == 50
+        assert scheduler._worker is not None
+        scheduler._worker.cancel()
+        scheduler._worker = None
+
+        sessions = 1
+        async with scheduler.exclusive():  # e.g. the peer is swapping its blocks: the step waits for the lock
+            waiting = asyncio.ensure_future(scheduler.step(lambda: 6, 1, "g", "a", session="s1"))
+            await asyncio.sleep(0.01)
+            assert not waiting.done()
+        assert await waiting == 60
+        scheduler.shutdown()
+
+    asyncio.run(scenario())
 
 
 # ---- through a real peer ----

@@ -1,0 +1,130 @@
+"""Step tracing (peers.trace) and the latency breakdown built from it (scripts/trace_steps.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trace_steps import Event, breakdown, read_events
+
+from peers import trace
+
+REPO = Path(__file__).resolve().parent.parent
+ROUTE = [(0, 2), (2, 4)]
+
+
+def _step(t0: int, offsets: dict[tuple[str, str], int], pids: dict[str, int]) -> list[Event]:
+    """One step's events at t0 + offset µs; CPU time advances with wall time (all work, no waiting)."""
+    events = []
+    for (where, what), offset in offsets.items():
+        ns = (t0 + offset) * 1000
+        events.append(Event(pids[where], pids[where], where, what, -1, ns, ns))
+    return events
+
+
+def _offsets() -> dict[tuple[str, str], int]:
+    p0, p1 = trace.place("peer", *ROUTE[0]), trace.place("peer", *ROUTE[1])
+    c0, c1 = trace.place("client", *ROUTE[0]), trace.place("client", *ROUTE[1])
+    chain = [
+        (trace.CLIENT, trace.STEP_CALLED),
+        (c0, trace.SENT),
+        (p0, trace.RECEIVED),
+        (p0, trace.ACCEPTED),
+        (p0, trace.COMPUTE_BEGAN),
+        (p0, trace.COMPUTE_ENDED),
+        (p0, trace.COMPUTED),
+        (p0, trace.PUSHED),
+        (p1, trace.RECEIVED),
+        (p1, trace.ACCEPTED),
+        (p1, trace.COMPUTE_BEGAN),
+        (p1, trace.COMPUTE_ENDED),
+        (p1, trace.COMPUTED),
+        (p1, trace.REPLIED),
+        (c1, trace.REPLY_READ),
+        (c1, trace.OUTPUT),
+        (trace.CLIENT, trace.STEP_RETURNED),
+    ]
+    gaps = [10, 100, 20, 30, 1000, 5, 40, 200, 20, 30, 900, 5, 50, 150, 25, 15]
+    offsets, t = {chain[0]: 0}, 0
+    for point, gap in zip(chain[1:], gaps, strict=True):
+        t += gap
+        offsets[point] = t
+    return offsets
+
+
+def test_breakdown_names_each_segment_of_the_critical_path_and_skips_incomplete_steps():
+    pids = {
+        trace.CLIENT: 1,
+        trace.place("client", *ROUTE[0]): 1,
+        trace.place("client", *ROUTE[1]): 1,
+        trace.place("peer", *ROUTE[0]): 2,
+        trace.place("peer", *ROUTE[1]): 3,
+    }
+    offsets = _offsets()
+    events: list[Event] = []
+    for n in range(8):
+        step = _step(n * 5000, offsets, pids)
+        if n == 6:  # a late push: peer 1 also received the step from the client (a second RECEIVED)
+            late = [e for e in step if e.where == trace.place("peer", *ROUTE[1]) and e.what == trace.RECEIVED][0]
+            step.append(Event(3, 3, late.where, late.what, -1, late.ns + 1, late.ns + 1))
+        events += step
+    events.append(Event(1, 1, trace.CLIENT, trace.STEP_CALLED, -1, 8 * 5000 * 1000, 8 * 5000 * 1000))
+    events.sort(key=lambda e: e.ns)
+
+    result = breakdown(events, skip=2)
+    walls = {row["segment"]: row["wall_us"] for row in result["segments"]}
+    assert result["steps"] == 5  # 8 steps, 2 skipped as warm-up, 1 with an extra event
+    assert walls["send_to_peer0"] == 100 and walls["push_to_peer1"] == 200 and walls["reply_to_client"] == 150
+    assert walls["peer0_layers"] == 1000 and walls["peer1_layers"] == 900 and walls["peer0_pushes"] == 40
+    assert walls["client_between_steps"] == 5000 - offsets[(trace.CLIENT, trace.STEP_RETURNED)]
+    assert result["cycle_us"] == 5000 and result["layers_us"] == 1900
+    assert sum(walls.values()) == pytest.approx(result["cycle_us"])
+    cpus = {row["segment"]: row["cpu_us"] for row in result["segments"]}
+    assert cpus["peer0_layers"] == 1000 and cpus["send_to_peer0"] is None  # across processes: no CPU time
+
+    with pytest.raises(ValueError, match="no peer events"):
+        breakdown([e for e in events if not e.where.startswith("peer")])
+
+
+def test_a_traced_swarm_gives_a_timeline_of_every_token(tmp_path):
+    """The script end to end: peers and client trace into one directory; every segment is measured, the segments
+    add up to the cycle, and time in one thread is never less than its CPU time."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(trace.DIRECTORY_VARIABLE, None)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "trace_steps.py"), "--tokens", "12", "--repeats", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["steps"] >= 10
+    rows = {row["segment"]: row for row in result["segments"]}
+    assert {"send_to_peer0", "peer0_layers", "push_to_peer1", "peer1_replies", "client_between_steps"} <= set(rows)
+    assert all(row["wall_us"] > 0 for row in rows.values())
+    assert result["layers_us"] > 0 and result["rest_us"] > 0
+    assert sum(row["wall_us"] for row in rows.values()) == pytest.approx(result["cycle_us"], rel=0.25)
+    for row in rows.values():
+        if row["cpu_us"] is not None:
+            assert row["cpu_us"] <= row["wall_us"] * 1.05 + 20, row
+
+
+def test_read_events_parses_what_event_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(trace, "DIRECTORY", str(tmp_path))
+    trace.event(trace.place("peer", 0, 2), trace.ACCEPTED, 7)
+    trace.event(trace.CLIENT, trace.STEP_CALLED)
+    trace.flush()
+    events = read_events(tmp_path)
+    assert [(e.where, e.what, e.step, e.pid) for e in events] == [
+        ("peer[0:2]", trace.ACCEPTED, 7, os.getpid()),
+        (trace.CLIENT, trace.STEP_CALLED, -1, os.getpid()),
+    ]
+    assert events[0].ns <= events[1].ns
