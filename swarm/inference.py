@@ -173,7 +173,7 @@ class InferenceSession:
         checks: list[asyncio.Task] = []  # spot checks of this step's spans, run while the chain goes on
         try:
             output = await self._chain(hidden, position, push, number, failover, checks)
-            evidences = await gather_checks(checks)
+            evidences = await gather_checks(checks) if checks else []  # most steps: no check, no gather
         finally:
             for task in checks:
                 task.cancel()

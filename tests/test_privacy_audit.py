@@ -3,7 +3,11 @@ on a tiny random model, without a network: what the client sends, the attacks, a
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from privacy.errors import PrivacyConfigError
 from swarm.config import ClientConfig
 
 ATOL = 1e-5
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +133,31 @@ def test_noise_defence_through_a_swarm(llama_ckpt, llama_swarm, local_model):
     assert not torch.equal(noisy[0], plain[0])  # the noise was sent
     torch.testing.assert_close(noisy[0], ref_logits, rtol=0, atol=1e-3)  # and removed
     assert torch.equal(plain[1], ref_generated) and torch.equal(noisy[1], ref_generated)
+
+
+def test_audit_script_prints_recovery_and_utility_for_each_configuration(llama_ckpt):
+    """scripts/privacy_audit.py end to end on the tiny model: every configuration the issue names (no local blocks,
+    a local block, a local block with a trained LoRA, the noise defence), with recovery and perplexity from one run."""
+    out = subprocess.run(
+        [
+            sys.executable, str(REPO / "scripts" / "privacy_audit.py"), "--model", str(llama_ckpt), "--noise", "8",
+            "--lora-steps", "2", "--prompts", "3", "--prompt-length", "6", "--copies", "2", "--backward-prompts", "1",
+            "--heldout-windows", "2", "--window", "16", "--threads", "1",
+        ],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    configs = {(c["local_blocks"], str(c["privacy"]), c["lora_steps"]): c for c in report["configs"]}
+    assert set(configs) == {(0, "off", 0), (1, "off", 0), (1, "off", 2), (1, "8.0", 0)}
+    for key in [(0, "off", 0), (1, "off", 0)]:  # a local block the peer can recompute protects nothing
+        assert configs[key]["forward"]["nearest"]["token_recovery"] == 1.0
+        assert configs[key]["backward"]["token_recovery"] == 1.0
+        assert configs[key]["perplexity_vs_undefended"] == 1.0
+    noisy = configs[(1, "8.0", 0)]
+    assert (
+        noisy["forward"]["nearest"]["token_recovery"] <= 0.25
+        and noisy["forward"]["nearest"]["prompts_fully_recovered"] == 0
+    )
+    assert math.isfinite(noisy["perplexity"]) and noisy["perplexity"] > 0
+    assert report["perplexity_undefended"] == configs[(0, "off", 0)]["perplexity"]

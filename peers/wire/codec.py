@@ -21,6 +21,8 @@ _TOKEN_CHARS = frozenset("0123456789abcdef")
 # Decoded through numpy where numpy has the dtype: fewer and cheaper calls than torch.frombuffer, which matters on a
 # peer's step path, where the layers computed in between have flushed this code from the CPU caches.
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+_NUMPY_TORCH_DTYPES = frozenset(WIRE_DTYPES[name] for name in _NUMPY_DTYPES)
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in WIRE_DTYPES.values()}  # torch.finfo costs a call each time
 
 
 def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
@@ -28,11 +30,18 @@ def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
 
     Written directly rather than through hivemind's serializer, which is several times slower per call (it goes
     through its compression registry) and sends bfloat16 as float32 buffers in its default mode."""
-    tensor = tensor.detach().cpu().contiguous()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not (tensor.is_cpu and tensor.is_contiguous()):
+        tensor = tensor.cpu().contiguous()
+    if tensor.dtype in _NUMPY_TORCH_DTYPES:  # through numpy directly: two calls instead of five (see _NUMPY_DTYPES)
+        buffer = tensor.numpy().tobytes()
+    else:
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
     return runtime_pb2.Tensor(
         compression=runtime_pb2.CompressionType.NONE,
-        buffer=tensor.reshape(-1).view(torch.uint8).numpy().tobytes(),
-        size=tensor.shape,
+        buffer=buffer,
+        size=list(tensor.shape),  # a list: protobuf reads a torch.Size several times slower
         # a dtype the protocol does not carry is still named, so that the receiver refuses it by name
         dtype=_DTYPE_NAME.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch."),
     )
@@ -62,7 +71,7 @@ def decode_tensor(proto: runtime_pb2.Tensor, *, max_numel: int) -> torch.Tensor:
         return torch.empty(shape, dtype=WIRE_DTYPES[proto.dtype])
     numpy_dtype = _NUMPY_DTYPES.get(proto.dtype)
     if numpy_dtype is not None:
-        return torch.from_numpy(np.frombuffer(buffer, dtype=numpy_dtype).copy()).reshape(shape)
+        return torch.from_numpy(np.frombuffer(buffer, dtype=numpy_dtype).reshape(shape).copy())
     return torch.frombuffer(bytearray(buffer), dtype=WIRE_DTYPES[proto.dtype]).reshape(shape)
 
 
@@ -76,8 +85,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def within(tensor: torch.Tensor, bound: float) -> bool:
     """Every value in [-bound, bound]; False for NaN and infinities too (min/max propagate NaN), in one pass each
     of min and max, no temporary copy."""
-    bound = min(bound, torch.finfo(tensor.dtype).max)  # a bound beyond the dtype's range would compare to inf
-    if tensor.dtype in (torch.float32, torch.float16) and tensor.device.type == "cpu":
+    largest = _LARGEST.get(tensor.dtype)
+    bound = min(bound, torch.finfo(tensor.dtype).max if largest is None else largest)  # beyond it: compares to inf
+    if tensor.dtype in _NUMPY_TORCH_DTYPES and tensor.device.type == "cpu":
         array = tensor.detach().numpy()
         return bool(array.max() <= bound) and bool(array.min() >= -bound)
     low, high = torch.aminmax(tensor.detach())
