@@ -206,20 +206,15 @@ class ComputeScheduler:
         whose steps these are, so that the scheduler learns how soon its next step comes back."""
         if session is not None:
             self._returns.arrived(session)
-        if self._idle_and_alone(tokens):
+        if not self._lock.locked() and self._alone(tokens):  # nothing runs now either: no need to queue
             return self._step_now(prepare, tokens, client, check, session)
         job = _Step(client, tokens, self._new_future(), check, cost=tokens, group=group, prepare=prepare)
         job.session = session
         return await self._submit(job)
 
-    def _idle_and_alone(self, tokens: int) -> bool:
-        """Nothing waits or runs, one session is open and the step is small: it runs right here, on the loop."""
-        return (
-            not self._pending
-            and not self._lock.locked()
-            and tokens <= self.settings.inline_tokens
-            and self.open_sessions() <= 1
-        )
+    def _alone(self, tokens: int) -> bool:
+        """Work of `tokens` tokens may run inline, on the loop: nothing else waits, one session is open, it is small."""
+        return not self._pending and self.open_sessions() <= 1 and tokens <= self.settings.inline_tokens
 
     def _step_now(
         self, prepare: Callable[[], Any], tokens: int, client: str, check: Callable[[], None] | None, session: Any
@@ -332,8 +327,7 @@ class ComputeScheduler:
         tokens = sum(job.tokens for job in runnable)
         work = functools.partial(self._compute, runnable)
         try:
-            alone = len(runnable) == 1 and not self._pending and self.open_sessions() <= 1
-            if tokens <= self.settings.inline_tokens and alone:
+            if len(runnable) == 1 and self._alone(tokens):
                 results = work()
             else:
                 results = await asyncio.get_running_loop().run_in_executor(self._executor, work)

@@ -22,7 +22,7 @@ ENABLED = bool(DIRECTORY)
 FLUSH_EVERY = 512  # events per write
 
 # Event names, shared by the code that records them and the script that reads them.
-CLIENT = "client"  # `where` of the client's main thread; a stream's events use stream_place(start, end)
+CLIENT = "client"  # `where` of the client's main thread; a stream's events use place("client", start, end)
 STEP_CALLED = "step_called"  # the client's main thread hands a step to the session
 STEP_RETURNED = "step_returned"  # ... and has its output back
 SENT = "sent"  # the client is about to encode and send a step to a stream
@@ -44,6 +44,16 @@ _lock = threading.Lock()
 def place(role: str, start: int, end: int) -> str:
     """`where` for a session's events: "peer[0:4]" on the peer serving blocks 0-3, "client[0:4]" for its stream."""
     return f"{role}[{start}:{end}]"
+
+
+def enable(directory: str | os.PathLike) -> None:
+    """Trace this process into `directory` from now on, and the processes it starts (through the environment)."""
+    global DIRECTORY, ENABLED
+    already = ENABLED
+    DIRECTORY, ENABLED = str(directory), True
+    os.environ[DIRECTORY_VARIABLE] = DIRECTORY
+    if not already:
+        atexit.register(flush)
 
 
 def event(where: str, what: str, step: int | None = None) -> None:

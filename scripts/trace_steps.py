@@ -37,6 +37,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_inference import timed_generate  # noqa: E402
+from local_swarm import LocalSwarm  # noqa: E402
+from model_tools import PRESETS, make_random_checkpoint  # noqa: E402
+
+from peers import trace  # noqa: E402
+from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+
 _PLACE = re.compile(r"^(client|peer)\[(\d+):(\d+)\]$")
 
 
@@ -75,7 +87,6 @@ def route_of(events: list[Event]) -> list[tuple[int, int]]:
 
 def _segments(route: list[tuple[int, int]]) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
     """(name, (where, what) it starts at, (where, what) it ends at) along a token's critical path."""
-    from peers import trace
 
     def peer(k: int) -> str:
         return trace.place("peer", *route[k])
@@ -116,8 +127,6 @@ def breakdown(events: list[Event], skip: int = 4) -> dict:
 
     A step's events are those between its STEP_CALLED and the next one; each segment goes from the first event of
     its start after the step began to the first event of its end after that."""
-    from peers import trace
-
     route = route_of(events)
     if not route:
         raise ValueError("no peer events in the trace: were the peers started with BLOCKSWARM_TRACE_DIR set?")
@@ -182,19 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="blockswarm-trace-") as tmp:
         directory = Path(tmp) / "trace"
-        # Before importing the client: peers.trace reads the variable once, at import; the peers inherit it.
-        os.environ["BLOCKSWARM_TRACE_DIR"] = str(directory)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import torch
-        from bench_inference import timed_generate
-        from local_swarm import LocalSwarm
-        from model_tools import PRESETS, make_random_checkpoint
-        from transformers import AutoModelForCausalLM
-
-        from peers import trace
-        from swarm import AutoDistributedModelForCausalLM
-
+        trace.enable(directory)  # this process and the peers it starts
         torch.set_num_threads(1)  # as bench_inference: one thread for the client, the local model and each peer
         path = Path(tmp) / args.model
         make_random_checkpoint(path, "llama", **PRESETS[args.model])

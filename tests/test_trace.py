@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,17 +96,25 @@ def test_a_traced_swarm_gives_a_timeline_of_every_token(tmp_path):
     add up to the cycle, and time in one thread is never less than its CPU time."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(trace.DIRECTORY_VARIABLE, None)
-    out = subprocess.run(
+    # Its own process group: if it hangs, the peers it started are killed with it, not left behind.
+    script = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "trace_steps.py"), "--tokens", "12", "--repeats", "2"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env=env,
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        stdout, stderr = script.communicate(timeout=600)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.communicate()
+    assert script.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert result["steps"] >= 10
     rows = {row["segment"]: row for row in result["segments"]}
     assert {"send_to_peer0", "peer0_layers", "push_to_peer1", "peer1_replies", "client_between_steps"} <= set(rows)
