@@ -21,23 +21,35 @@ than in a hot loop, because the layers between two steps evict it from the CPU c
     client_returns         -> the main thread has it back
     client_between_steps   -> the next step begins: the final norm, LM head, generate's loop, the next embedding
 
+Beside the segments it measures, in the same run, what bounds the overhead from below ("floor"): local generation's
+time in the decoder layers and in the rest of its token (hooks on its first and last layer), so that the swarm's
+layers and client work compare with the same work done locally ("compute_penalty_us": the same computation split
+over processes); and the bare transport: half the round trip of a frame of one step's size on an open libp2p
+stream between two fresh daemons that only echo it ("stream_hop_us", Python on both ends doing nothing else).
+
     python scripts/trace_steps.py [--model bench-small] [--peers 2] [--tokens 64] [--repeats 5] [--direct]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import json
 import os
 import re
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import uvloop
+from hivemind.p2p import P2P
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,8 +58,12 @@ from bench_inference import timed_generate  # noqa: E402
 from local_swarm import LocalSwarm  # noqa: E402
 from model_tools import PRESETS, make_random_checkpoint  # noqa: E402
 
+from blocks.checkpoint import open_checkpoint  # noqa: E402
+from blocks.span import load_span  # noqa: E402
 from peers import trace  # noqa: E402
+from peers.direct import self_signed_certificate  # noqa: E402
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.direct import client_context  # noqa: E402
 
 _PLACE = re.compile(r"^(client|peer)\[(\d+):(\d+)\]$")
 
@@ -178,6 +194,202 @@ def breakdown(events: list[Event], skip: int = 4) -> dict:
     }
 
 
+class LayerClock:
+    """Hooks on a local model's first and last decoder layer. For each decoding step (one new token; the prompt's
+    prefill is left out): the time in its layers, and the time from its layers' start to the next step's (one
+    token's whole cycle, as `cycle_us` is the swarm's)."""
+
+    def __init__(self, model) -> None:
+        layers = model.model.layers
+        self.layers_ns: list[int] = []
+        self.cycles_ns: list[int] = []
+        self._began = 0
+        self._last_decode: int | None = None  # when the last decoding step's layers began
+        self._hooks = [
+            layers[0].register_forward_pre_hook(self._begin),
+            layers[-1].register_forward_hook(self._end),
+        ]
+
+    def _begin(self, *_) -> None:
+        self._began = time.perf_counter_ns()
+
+    def _end(self, _module, _args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[-2] != 1:  # a prefill: the next step starts a new generation
+            self._last_decode = None
+            return
+        self.layers_ns.append(time.perf_counter_ns() - self._began)
+        if self._last_decode is not None:
+            self.cycles_ns.append(self._began - self._last_decode)
+        self._last_decode = self._began
+
+    def medians_us(self) -> tuple[float, float]:
+        """(a decoding step's cycle, its time in the layers), medians in µs."""
+        if not self.cycles_ns:
+            raise ValueError("no two decoding steps in a row were timed")
+        return statistics.median(self.cycles_ns) / 1000, statistics.median(self.layers_ns) / 1000
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _busy(seconds: float) -> None:
+    """Compute (matrix-vector products over 32 MB) for `seconds`: what the processes of a step do between hops."""
+    weights, x = torch.randn(32000, 256), torch.randn(256)
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        weights @ x
+
+
+async def _daemon_round_trips(payload: int, samples: int, gap: float) -> list[float]:
+    """Round trips (µs) of `payload` bytes on one open libp2p stream between two fresh daemons on 127.0.0.1, each
+    after `gap` seconds of compute (an echo handler in this process answers)."""
+    server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = None
+    try:
+
+        async def echo(_, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+
+        await server.add_binary_stream_handler("echo", echo)
+        client = await P2P.create(initial_peers=await server.get_visible_maddrs())
+        _, reader, writer = await client.call_binary_stream_handler(server.peer_id, "echo")
+        message, times = os.urandom(payload), []
+        for _ in range(samples):
+            _busy(gap)
+            began = time.perf_counter_ns()
+            writer.write(message)
+            await writer.drain()
+            await reader.readexactly(payload)
+            times.append((time.perf_counter_ns() - began) / 1000)
+        writer.close()
+        return times
+    finally:
+        if client is not None:
+            await client.shutdown()
+        await server.shutdown()
+
+
+# Another process that echoes what one TCP connection sends (in TLS 1.3 if given a certificate and key), printing its
+# port first.
+_TCP_ECHO = """
+import socket, ssl, sys
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+connection, _ = server.accept()
+connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if len(sys.argv) > 1:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[1], sys.argv[2])
+    connection = context.wrap_socket(connection, server_side=True)
+while data := connection.recv(1 << 16):
+    connection.sendall(data)
+"""
+
+
+def _tcp_round_trips(payload: int, samples: int, gap: float, tls: bool = False) -> list[float]:
+    """Round trips (µs) of `payload` bytes over TCP (TLS 1.3 as direct connections use it, if `tls`) to another
+    process, each after `gap` seconds of compute."""
+    with tempfile.TemporaryDirectory() as folder:
+        args = []
+        if tls:
+            cert, key = self_signed_certificate()
+            args = [str(Path(folder, "cert.pem")), str(Path(folder, "key.pem"))]
+            Path(args[0]).write_bytes(cert)
+            Path(args[1]).touch(mode=0o600)
+            Path(args[1]).write_bytes(key)
+        server = subprocess.Popen([sys.executable, "-c", _TCP_ECHO, *args], stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(server.stdout.readline())
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls:
+                connection = client_context().wrap_socket(connection)
+            with connection:
+                message, times = os.urandom(payload), []
+                for _ in range(samples):
+                    _busy(gap)
+                    began = time.perf_counter_ns()
+                    connection.sendall(message)
+                    received = 0
+                    while received < payload:
+                        received += len(connection.recv(1 << 16))
+                    times.append((time.perf_counter_ns() - began) / 1000)
+            return times
+        finally:
+            server.kill()
+            server.wait()
+
+
+def hop_us(payload: int, gap: float, samples: int = 100) -> dict[str, float]:
+    """One hop's transport floor as a step meets it (every round trip after `gap` seconds of compute, as between
+    the hops of a token, so the daemons and the other process have gone idle): half the median round trip of
+    `payload` bytes through two libp2p daemons, over TLS between two processes (what a direct connection could
+    cost at best) and over plain TCP (any transport's floor)."""
+    times = {
+        "libp2p": uvloop.run(_daemon_round_trips(payload, samples, gap)),
+        "tls": _tcp_round_trips(payload, samples, gap, tls=True),
+        "tcp": _tcp_round_trips(payload, samples, gap),
+    }
+    return {name: statistics.median(values[samples // 10 :]) / 2 for name, values in times.items()}
+
+
+def resume_cost_us(path: Path, blocks: int, samples: int = 60) -> dict[str, float]:
+    """The first peer's blocks in this process, decoding one token per step: the median step hot (one step right
+    after another) and after idling as long as the step took (as a peer of a pipeline waits for its next turn). On a
+    machine whose idle cores come back slowly, the second is longer: a penalty of splitting the layers over
+    processes that take turns, which no transport can remove."""
+    span = load_span(open_checkpoint(path), 0, blocks, progress=False)
+    times: dict[str, list[float]] = {"hot": [], "after_idle": []}
+    with torch.inference_mode():
+        for mode, values in times.items():
+            cache = span.new_cache()
+            span(torch.randn(1, 16, span.hidden_size), cache, 0)
+            took = 0.0
+            for position in range(16, 16 + samples):
+                x = torch.randn(1, 1, span.hidden_size)
+                if mode == "after_idle":
+                    time.sleep(took / 1e9)
+                began = time.perf_counter_ns()
+                span(x, cache, position)
+                took = time.perf_counter_ns() - began
+                values.append(took / 1000)
+    return {mode: statistics.median(values[samples // 10 :]) for mode, values in times.items()}
+
+
+def floor(
+    result: dict, local_us: float, local_layers_us: float, hop: dict[str, float], hops: int, resume: dict[str, float]
+) -> dict:
+    """Where the swarm's overhead per token (its cycle against local's, `local_us`) goes, from the breakdown and the
+    same run's local and transport measurements: the compute penalty (the swarm's layers and client work against
+    the same work done locally: the same computation split over processes), `hops` bare transport hops (through
+    the daemons; TLS and plain TCP for comparison), and what is left: glue, our Python on either side of each hop.
+    The three add up to the overhead. `resume`: one peer's layers hot and after idling (resume_cost_us), which
+    explains the layers' penalty."""
+    penalty_layers = result["layers_us"] - local_layers_us
+    penalty_client = result["client_between_steps_us"] - (local_us - local_layers_us)
+    transport = hops * hop["libp2p"]
+    return {
+        "local_step_us": round(local_us, 1),
+        "overhead_us": round(result["cycle_us"] - local_us, 1),
+        "local_layers_us": round(local_layers_us, 1),
+        "compute_penalty_us": round(penalty_layers + penalty_client, 1),
+        "compute_penalty_layers_us": round(penalty_layers, 1),
+        "compute_penalty_client_us": round(penalty_client, 1),
+        "peer0_blocks_hot_us": round(resume["hot"], 1),
+        "peer0_blocks_after_idle_us": round(resume["after_idle"], 1),
+        "hops": hops,
+        "libp2p_hop_us": round(hop["libp2p"], 1),
+        "tls_hop_us": round(hop["tls"], 1),
+        "tcp_hop_us": round(hop["tcp"], 1),
+        "bare_transport_us": round(transport, 1),
+        "glue_us": round(result["rest_us"] - transport, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bench-small", help="a preset of scripts/model_tools.py")
@@ -205,13 +417,20 @@ def main() -> None:
             )
             try:
                 speeds: dict[str, list[float]] = {"swarm": [], "local": []}
+                clock = LayerClock(local)
                 for _ in range(args.repeats):
                     for name, m in (("swarm", model), ("local", local)):
                         speeds[name].append(timed_generate(m, prompt, args.tokens)[0])
+                clock.close()
             finally:
                 model.shutdown()
         trace.flush()
         result = breakdown(read_events(directory))
+        # a step's frame (one token's hidden state and a few hundred bytes of header and chain), after as much
+        # compute as one peer's layers take
+        hop = hop_us(4 * local.config.hidden_size + 256, gap=result["layers_us"] / args.peers / 1e6)
+        resume = resume_cost_us(path, local.config.num_hidden_layers // args.peers)
+    local_step_us, local_layers_us = clock.medians_us()
     tok_s = {name: statistics.median(values) for name, values in speeds.items()}
     print(
         json.dumps(
@@ -223,6 +442,8 @@ def main() -> None:
                 "local_tok_s": round(tok_s["local"], 2),
                 "local_us_per_token": round(1e6 / tok_s["local"], 1),
                 **result,
+                # hops: client -> first peer, each push, last peer -> client
+                "floor": floor(result, local_step_us, local_layers_us, hop, args.peers + 1, resume),
             }
         )
     )
