@@ -135,7 +135,7 @@ class FairShare:
 class _Job:
     client: str
     tokens: int
-    future: asyncio.Future
+    future: asyncio.Future | None  # None: run at once, never queued (ComputeScheduler._step_now)
     check: Callable[[], None] | None
     arrival: int = field(default_factory=lambda: next(_arrivals))
     cost: float = 0.0  # in FairShare's units; 0: the tokens
@@ -227,7 +227,7 @@ class ComputeScheduler:
             check()
         self.fair.charge({client: tokens})
         try:
-            result = self._compute([_Step(client, tokens, self._new_future(), None, cost=tokens, prepare=prepare)])[0]
+            result = self._compute([_Step(client, tokens, None, None, cost=tokens, prepare=prepare)])[0]
         finally:
             if session is not None:
                 self._returns.finished(session)

@@ -21,11 +21,11 @@ than in a hot loop, because the layers between two steps evict it from the CPU c
     client_returns         -> the main thread has it back
     client_between_steps   -> the next step begins: the final norm, LM head, generate's loop, the next embedding
 
-Beside the segments it measures, in the same run, what bounds the overhead from below ("floor"): local generation's
-time in the decoder layers and in the rest of its token (hooks on its first and last layer), so that the swarm's
-layers and client work compare with the same work done locally ("compute_penalty_us": the same computation split
-over processes); and the bare transport: half the round trip of a frame of one step's size on an open libp2p
-stream between two fresh daemons that only echo it ("stream_hop_us", Python on both ends doing nothing else).
+Beside the segments, "floor" splits the overhead per token (the swarm's cycle against local's decoding step) into
+three parts measured in the same run (see floor()): the compute penalty (the swarm's layers and client work against
+local's, timed by hooks on its first and last layer; and the first peer's blocks in this process, hot and after
+idling), the bare transport (a step-sized frame per hop through two libp2p daemons, with TLS and plain TCP beside it,
+each after a peer's compute), and the glue left (our Python on either side of each hop).
 
     python scripts/trace_steps.py [--model bench-small] [--peers 2] [--tokens 64] [--repeats 5] [--direct]
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import json
 import os
 import re
@@ -234,9 +235,14 @@ class LayerClock:
             hook.remove()
 
 
+@functools.cache
+def _busy_operands() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(32000, 256), torch.randn(256)  # 32 MB: as much as an LM head streams
+
+
 def _busy(seconds: float) -> None:
     """Compute (matrix-vector products over 32 MB) for `seconds`: what the processes of a step do between hops."""
-    weights, x = torch.randn(32000, 256), torch.randn(256)
+    weights, x = _busy_operands()
     began = time.perf_counter()
     while time.perf_counter() - began < seconds:
         weights @ x
